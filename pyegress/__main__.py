@@ -1,0 +1,5 @@
+import sys
+
+from pyegress.cli import main
+
+sys.exit(main())

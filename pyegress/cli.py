@@ -1,0 +1,133 @@
+"""Command line with gost's grammar: ``-L`` (services), ``-F`` (chain hops), ``-D``, ``-V``,
+``-O`` (print the effective configuration and exit)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+from collections.abc import Coroutine, Sequence
+from typing import Any
+
+from pyegress import __version__
+from pyegress.config.nodes import Node, parse_node
+from pyegress.config.render import effective_config, to_yaml
+from pyegress.engine import DEFAULT_DRAIN_TIMEOUT, Engine
+from pyegress.errors import ConfigError
+from pyegress.observe import log as logmod
+
+# Parameters that are parsed but whose feature is not built yet: using one is an error
+# where ignoring it would weaken security, a warning elsewhere.
+_NOT_YET_ERRORS = {"bypass"}
+_IMPLEMENTED = {
+    "timeout",
+    "handshake_timeout",
+    "idle_timeout",
+    "retries",
+    "proxy_agent",
+    "auth",
+    "realm",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pyegress",
+        description="gost-compatible egress proxy: sidecar, h2 tier link and audited DMZ exit.",
+    )
+    parser.add_argument(
+        "-L", dest="listen", action="append", default=[], metavar="URL",
+        help="serve a node, e.g. http://:18080, socks5://user:pass@:1080, tcp://:2222/host:22",
+    )  # fmt: skip
+    parser.add_argument(
+        "-F", dest="forward", action="append", default=[], metavar="URL",
+        help="chain node (hop), in order, e.g. http://proxy:3128 or socks5://u:p@host:1080",
+    )  # fmt: skip
+    parser.add_argument("-D", dest="debug", action="count", default=0, help="debug logging")
+    parser.add_argument("-V", dest="version", action="store_true", help="print version, exit")
+    parser.add_argument(
+        "-O", dest="output", choices=("json", "yaml"), metavar="json|yaml",
+        help="print the effective configuration and exit",
+    )  # fmt: skip
+    parser.add_argument(
+        "--drain-timeout", type=float, default=DEFAULT_DRAIN_TIMEOUT, metavar="SECONDS",
+        help="on SIGTERM/SIGINT, how long open tunnels may finish (default %(default)s)",
+    )  # fmt: skip
+    return parser
+
+
+def _strip_eq(values: Sequence[str]) -> list[str]:
+    # gost users write -L=:8080; argparse hands that over as "=:8080".
+    return [v[1:] if v.startswith("=") else v for v in values]
+
+
+def parse_nodes(args: argparse.Namespace) -> tuple[list[Node], list[Node]]:
+    listen = [parse_node(url, "listen") for url in _strip_eq(args.listen)]
+    forward = [parse_node(url, "forward") for url in _strip_eq(args.forward)]
+    for node in (*listen, *forward):
+        for key in node.params:
+            if key in _NOT_YET_ERRORS:
+                raise ConfigError(f"parameter {key}= is not supported yet ({node.redacted()})")
+    return listen, forward
+
+
+def _warn_params(listen: Sequence[Node], forward: Sequence[Node], log: logmod.Logger) -> None:
+    warned: set[str] = set()
+    for node in (*listen, *forward):
+        for key in node.unknown_params:
+            if key.lower() not in warned:
+                warned.add(key.lower())
+                log.warning("unknown_parameter", param=key, node=node.redacted())
+        for key in node.params:
+            if key not in _IMPLEMENTED and key not in warned:
+                warned.add(key)
+                log.warning("parameter_ignored", param=key, node=node.redacted())
+
+
+def _run(coro: Coroutine[Any, Any, None]) -> None:
+    if os.environ.get("PYEGRESS_LOOP", "uvloop") != "asyncio":
+        try:
+            import uvloop
+        except ImportError:  # pragma: no cover - uvloop is a dependency
+            pass
+        else:
+            uvloop.run(coro)
+            return
+    asyncio.run(coro)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.version:
+        print(f"pyegress {__version__} (gost-compatible) python {sys.version.split()[0]}")
+        return 0
+    if not args.listen and not args.forward:
+        parser.print_usage(sys.stderr)
+        return 2
+    try:
+        listen, forward = parse_nodes(args)
+        if args.output:
+            config = effective_config(listen, forward)
+            if args.output == "json":
+                print(json.dumps(config, indent=2))
+            else:
+                print(to_yaml(config), end="")
+            return 0
+        logmod.configure(debug=args.debug > 0)
+        log = logmod.get_logger()
+        _warn_params(listen, forward, log)
+        engine = Engine(listen, forward, log, drain_timeout=args.drain_timeout)
+        _run(engine.run())
+    except ConfigError as exc:
+        print(f"pyegress: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:  # a second Ctrl-C during the drain
+        return 130
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Configuration: gost node URLs and config files, parsed once into frozen values."""

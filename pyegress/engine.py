@@ -1,0 +1,268 @@
+"""Service lifecycle: listen, hand each connection to its listener, drain on shutdown.
+
+The engine composes stages and parses nothing itself. A :class:`Service` is one ``-L``
+node: a listening socket, the listener that speaks its protocol, and the chain it dials
+through. Listeners call back into the service for the three things every tunnel does:
+open its record (:meth:`Service.tunnel`), dial (:meth:`Service.dial`) and relay
+(:meth:`Service.relay`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager, suppress
+
+from pyegress import __version__
+from pyegress.chain import Chain
+from pyegress.config.nodes import Node
+from pyegress.endpoint import Endpoint, TcpEndpoint
+from pyegress.errors import ConfigError, PyegressError
+from pyegress.observe.log import Logger
+from pyegress.protocols.addresses import split_host_port
+from pyegress.relay import Relay
+from pyegress.tunnel import Tunnel
+
+Handler = Callable[[TcpEndpoint, "Service"], Awaitable[None]]
+
+DEFAULT_HANDSHAKE_TIMEOUT = 15.0
+DEFAULT_IDLE_TIMEOUT = 300.0
+DEFAULT_DRAIN_TIMEOUT = 30.0
+
+
+def _handler_for(node: Node) -> Handler:
+    # Imported here: listeners import this module for the Service type.
+    from pyegress.listeners import auto, forward, http, socks4, socks5
+
+    handlers: dict[str, Handler] = {
+        "auto": auto.serve,
+        "http": http.serve,
+        "socks5": socks5.serve,
+        "socks4": socks4.serve,
+        "socks4a": socks4.serve,
+        "tcp": forward.serve,
+    }
+    handler = handlers.get(node.kind)
+    if handler is None:
+        raise ConfigError(f"-L {node.redacted()}: handler {node.kind!r} is not supported yet")
+    if node.transport != "tcp":
+        raise ConfigError(f"-L {node.redacted()}: listener {node.transport!r} is not supported yet")
+    return handler
+
+
+class Service:
+    """One ``-L`` node at work."""
+
+    def __init__(self, name: str, node: Node, chain: Chain, engine: Engine) -> None:
+        self.name = name
+        self.node = node
+        self.chain = chain
+        self.engine = engine
+        self.handler = _handler_for(node)
+        self.log = engine.log.bind(service=name)
+        self.handshake_timeout = node.duration("handshake_timeout", DEFAULT_HANDSHAKE_TIMEOUT)
+        self.idle_timeout = node.duration("idle_timeout", DEFAULT_IDLE_TIMEOUT)
+        self.dial_timeout = node.duration("timeout", 10.0)
+        self.retries = max(1, node.integer("retries", 1))
+        self.proxy_agent = node.param("proxy_agent") or f"pyegress/{__version__}"
+        self.realm = node.param("realm") or "pyegress"
+        self.user = node.user
+        self.password = node.password
+        self.server: asyncio.Server | None = None
+        self._forward_targets = [split_host_port(t) for t in node.forward_targets]
+        self._forward_cursor = 0
+
+    def next_forward_target(self) -> tuple[str, int]:
+        """The next ``-L .../host:port`` target, round robin."""
+        target = self._forward_targets[self._forward_cursor % len(self._forward_targets)]
+        self._forward_cursor += 1
+        return target
+
+    @property
+    def requires_auth(self) -> bool:
+        return self.user is not None
+
+    def check_credentials(self, user: str, password: str) -> bool:
+        import hmac
+
+        if self.user is None:
+            return True
+        ok_user = hmac.compare_digest(user.encode(), self.user.encode())
+        ok_pass = hmac.compare_digest(password.encode(), (self.password or "").encode())
+        return ok_user and ok_pass
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        host = self.node.host or None
+        try:
+            server = await loop.create_server(
+                lambda: TcpEndpoint(self._accepted),
+                host,
+                self.node.port,
+                reuse_address=True,
+                backlog=1024,
+            )
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot listen on {self.node.address}: {exc.strerror or exc}"
+            ) from None
+        self.server = server
+
+    @property
+    def bound_addresses(self) -> list[tuple[str, int]]:
+        if self.server is None:
+            return []
+        out = []
+        for sock in self.server.sockets:
+            name = sock.getsockname()
+            out.append((str(name[0]), int(name[1])))
+        return out
+
+    def _accepted(self, endpoint: TcpEndpoint) -> None:
+        self.engine.spawn(self._serve(endpoint))
+
+    async def _serve(self, endpoint: TcpEndpoint) -> None:
+        try:
+            await self.handler(endpoint, self)
+        except PyegressError as exc:
+            # A listener lets a project error escape only after answering the client.
+            self.log.debug("connection_error", error=str(exc))
+        except Exception as exc:  # a bug must not take the process down
+            self.log.error("handler_bug", error=f"{type(exc).__name__}: {exc}")
+            endpoint.abort()
+        finally:
+            endpoint.close()
+
+    # -- what listeners call ----------------------------------------------------------
+
+    @asynccontextmanager
+    async def tunnel(self, client: Endpoint, kind: str) -> AsyncIterator[Tunnel]:
+        """A tunnel record that is written exactly once, however the block ends."""
+        t = Tunnel(service=self.name, kind=kind, client=client.peer_address)
+        self.engine.tunnels.add(t)
+        try:
+            yield t
+        except PyegressError as exc:
+            t.reason = t.reason or exc.close_reason
+            t.error = str(exc)
+            raise
+        except asyncio.CancelledError:
+            t.reason = t.reason or "drain"
+            raise
+        except Exception as exc:
+            t.reason = "internal_error"
+            t.error = f"{type(exc).__name__}: {exc}"
+            raise
+        finally:
+            self.engine.tunnels.discard(t)
+            self.log.info("tunnel_closed", **t.close_record())
+
+    async def dial(self, t: Tunnel, host: str, port: int) -> Endpoint:
+        t.host, t.port = host, port
+        last: PyegressError | None = None
+        for _ in range(self.retries):
+            try:
+                return await self.chain.dial(host, port, self.dial_timeout)
+            except PyegressError as exc:
+                last = exc
+        assert last is not None
+        raise last
+
+    async def relay(self, t: Tunnel, client: Endpoint, upstream: Endpoint) -> None:
+        relay = Relay(client, upstream, self.idle_timeout)
+        t.relay = relay
+        try:
+            t.reason = await relay.run()
+        finally:
+            t.bytes_up += relay.bytes_up
+            t.bytes_down += relay.bytes_down
+            t.relay = None
+
+
+class Engine:
+    def __init__(
+        self,
+        listen: Sequence[Node],
+        forward: Sequence[Node],
+        log: Logger,
+        drain_timeout: float = DEFAULT_DRAIN_TIMEOUT,
+    ) -> None:
+        if not listen:
+            raise ConfigError("nothing to serve: give at least one -L")
+        self.log = log
+        self.drain_timeout = drain_timeout
+        self.chain = Chain(forward)
+        self.services = [
+            Service(f"service-{i}", node, self.chain, self) for i, node in enumerate(listen)
+        ]
+        self.tunnels: set[Tunnel] = set()
+        self.tasks: set[asyncio.Task[None]] = set()
+        self._stop: asyncio.Event | None = None
+
+    def spawn(self, coro: Awaitable[None]) -> None:
+        task: asyncio.Task[None] = asyncio.ensure_future(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def start(self) -> None:
+        self._stop = asyncio.Event()
+        started: list[Service] = []
+        try:
+            for service in self.services:
+                await service.start()
+                started.append(service)
+        except BaseException:
+            for service in started:
+                if service.server is not None:
+                    service.server.close()
+            raise
+        for service in self.services:
+            self.log.info(
+                "listening",
+                service=service.name,
+                node=service.node.redacted(),
+                addresses=[f"{h}:{p}" for h, p in service.bound_addresses],
+                chain=self.chain.describe(),
+            )
+
+    def request_stop(self) -> None:
+        if self._stop is not None:
+            self._stop.set()
+
+    async def run(self) -> None:
+        """Serve until SIGTERM/SIGINT, then drain and return."""
+        loop = asyncio.get_running_loop()
+        await self.start()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.request_stop)
+        assert self._stop is not None
+        try:
+            await self._stop.wait()
+        finally:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)
+        await self.shutdown()
+
+    async def shutdown(self) -> None:
+        """Stop accepting, let tunnels finish until the drain deadline, then end them."""
+        for service in self.services:
+            if service.server is not None:
+                service.server.close()
+        self.log.info("draining", tunnels=len(self.tunnels), deadline_s=self.drain_timeout)
+        if self.tasks:
+            _, pending = await asyncio.wait(set(self.tasks), timeout=self.drain_timeout)
+            if pending:
+                for t in list(self.tunnels):
+                    if t.relay is not None:
+                        t.relay.stop("drain")
+                _, pending = await asyncio.wait(pending, timeout=1.0)
+                for task in pending:
+                    task.cancel()
+                if pending:
+                    await asyncio.wait(pending, timeout=5.0)
+        for service in self.services:
+            if service.server is not None:
+                with suppress(Exception):
+                    await asyncio.wait_for(service.server.wait_closed(), 1.0)
+        self.log.info("stopped")

@@ -1,0 +1,1 @@
+"""Listeners: one module per protocol a ``-L`` node can speak to its clients."""

@@ -1,0 +1,1 @@
+"""Transparent mode (redirect listener, original destination, firewall rules): to come."""

@@ -1,0 +1,62 @@
+"""A tunnel's life record: who asked for what, how it ended, bytes each way.
+
+Every tunnel a listener starts is a :class:`Tunnel`, opened with ``Service.tunnel()``.
+Whatever path it ends by (relayed to EOF, refused, malformed, reset, drained), leaving
+that context writes exactly one close record.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from pyegress.protocols.addresses import join_host_port
+from pyegress.relay import Relay
+
+
+def new_conn_id() -> str:
+    return secrets.token_hex(8)
+
+
+@dataclass(slots=True, eq=False)
+class Tunnel:
+    service: str
+    kind: str
+    client: tuple[str, int]
+    conn_id: str = field(default_factory=new_conn_id)
+    started: float = field(default_factory=time.monotonic)
+    host: str = ""
+    port: int = 0
+    user: str | None = None
+    reason: str | None = None
+    error: str | None = None
+    status: int | None = None
+    bytes_up: int = 0
+    bytes_down: int = 0
+    relay: Relay | None = None
+
+    @property
+    def target(self) -> str:
+        return join_host_port(self.host, self.port) if self.host else ""
+
+    def close_record(self) -> dict[str, Any]:
+        record: dict[str, Any] = {
+            "conn_id": self.conn_id,
+            "service": self.service,
+            "kind": self.kind,
+            "client": join_host_port(*self.client) if self.client[0] else "",
+            "target": self.target,
+            "bytes_up": self.bytes_up,
+            "bytes_down": self.bytes_down,
+            "duration_s": round(time.monotonic() - self.started, 6),
+            "reason": self.reason or "eof",
+        }
+        if self.user is not None:
+            record["user"] = self.user
+        if self.status is not None:
+            record["status"] = self.status
+        if self.error is not None:
+            record["error"] = self.error
+        return record
