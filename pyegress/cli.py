@@ -29,6 +29,18 @@ _IMPLEMENTED = {
     "proxy_agent",
     "auth",
     "realm",
+    "cert",
+    "key",
+    "ca",
+    "secure",
+    "server_name",
+    "host",
+    "path",
+    "ping",
+    "ip",
+    "strategy",
+    "max_fails",
+    "fail_timeout",
 }
 
 

@@ -105,6 +105,11 @@ class Endpoint:
     def local_address(self) -> tuple[str, int]:
         raise NotImplementedError
 
+    @property
+    def identity(self) -> str | None:
+        """The verified client certificate identity, when the peer presented one."""
+        return None
+
 
 class TcpEndpoint(asyncio.Protocol, Endpoint):
     __slots__ = (
@@ -297,6 +302,12 @@ class TcpEndpoint(asyncio.Protocol, Endpoint):
         if self._eof:
             relay.on_eof(self)
 
+    def take_buffered(self) -> bytes:
+        """Hand over (and forget) what was received but not read yet."""
+        data = bytes(self._buf)
+        self._buf.clear()
+        return data
+
     def detach(self) -> None:
         self._peer = None
         self._relay = None
@@ -349,6 +360,14 @@ class TcpEndpoint(asyncio.Protocol, Endpoint):
     @property
     def local_address(self) -> tuple[str, int]:
         return self._address("sockname")
+
+    @property
+    def identity(self) -> str | None:
+        if self.transport is None:
+            return None
+        from pyegress.tls import transport_identity
+
+        return transport_identity(self.transport)
 
     async def start_tls(
         self, context: ssl.SSLContext, server_hostname: str | None, timeout: float

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager, suppress
 
@@ -19,12 +20,14 @@ from pyegress.chain import Chain
 from pyegress.config.nodes import Node
 from pyegress.endpoint import Endpoint, TcpEndpoint
 from pyegress.errors import ConfigError, PyegressError
+from pyegress.h2link import H2Link
 from pyegress.observe.log import Logger
 from pyegress.protocols.addresses import split_host_port
 from pyegress.relay import Relay
+from pyegress.tls import server_context
 from pyegress.tunnel import Tunnel
 
-Handler = Callable[[TcpEndpoint, "Service"], Awaitable[None]]
+Handler = Callable[[Endpoint, "Service"], Awaitable[None]]
 
 DEFAULT_HANDSHAKE_TIMEOUT = 15.0
 DEFAULT_IDLE_TIMEOUT = 300.0
@@ -43,12 +46,19 @@ def _handler_for(node: Node) -> Handler:
         "socks4a": socks4.serve,
         "tcp": forward.serve,
     }
+    if node.transport not in _LISTENERS:
+        raise ConfigError(f"-L {node.redacted()}: listener {node.transport!r} is not supported yet")
+    if node.kind == "http2":
+        if node.transport != "http2":
+            raise ConfigError(f"-L {node.redacted()}: the http2 proxy needs the http2 listener")
+        return http.serve  # http2 streams are served by listeners/h2.py
     handler = handlers.get(node.kind)
     if handler is None:
         raise ConfigError(f"-L {node.redacted()}: handler {node.kind!r} is not supported yet")
-    if node.transport != "tcp":
-        raise ConfigError(f"-L {node.redacted()}: listener {node.transport!r} is not supported yet")
     return handler
+
+
+_LISTENERS = {"tcp", "tls", "h2", "h2c", "http2"}
 
 
 class Service:
@@ -70,6 +80,9 @@ class Service:
         self.user = node.user
         self.password = node.password
         self.server: asyncio.Server | None = None
+        self.h2_path = node.param("path") or None
+        if self.h2_path is not None and not self.h2_path.startswith("/"):
+            self.h2_path = "/" + self.h2_path
         self._forward_targets = [split_host_port(t) for t in node.forward_targets]
         self._forward_cursor = 0
 
@@ -92,16 +105,30 @@ class Service:
         ok_pass = hmac.compare_digest(password.encode(), (self.password or "").encode())
         return ok_user and ok_pass
 
+    def _protocol_factory(self) -> tuple[Callable[[], asyncio.BaseProtocol], ssl.SSLContext | None]:
+        transport = self.node.transport
+        warn = self.log.warning
+        if transport in ("h2", "h2c", "http2"):
+            from pyegress.listeners.h2 import H2ServerLink
+
+            ctx = None if transport == "h2c" else server_context(self.node, ["h2"], warn)
+            return (lambda: H2ServerLink(self)), ctx
+        ctx = server_context(self.node, None, warn) if transport == "tls" else None
+        return (lambda: TcpEndpoint(self._accepted)), ctx
+
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         host = self.node.host or None
+        factory, ctx = self._protocol_factory()
         try:
             server = await loop.create_server(
-                lambda: TcpEndpoint(self._accepted),
+                factory,
                 host,
                 self.node.port,
                 reuse_address=True,
                 backlog=1024,
+                ssl=ctx,
+                ssl_handshake_timeout=self.handshake_timeout if ctx is not None else None,
             )
         except OSError as exc:
             raise ConfigError(
@@ -120,9 +147,10 @@ class Service:
         return out
 
     def _accepted(self, endpoint: TcpEndpoint) -> None:
-        self.engine.spawn(self._serve(endpoint))
+        self.engine.spawn(self.serve(endpoint))
 
-    async def _serve(self, endpoint: TcpEndpoint) -> None:
+    async def serve(self, endpoint: Endpoint) -> None:
+        """Run this service's handler on one client connection or stream."""
         try:
             await self.handler(endpoint, self)
         except PyegressError as exc:
@@ -139,7 +167,9 @@ class Service:
     @asynccontextmanager
     async def tunnel(self, client: Endpoint, kind: str) -> AsyncIterator[Tunnel]:
         """A tunnel record that is written exactly once, however the block ends."""
-        t = Tunnel(service=self.name, kind=kind, client=client.peer_address)
+        t = Tunnel(
+            service=self.name, kind=kind, client=client.peer_address, identity=client.identity
+        )
         self.engine.tunnels.add(t)
         try:
             yield t
@@ -198,6 +228,8 @@ class Engine:
         ]
         self.tunnels: set[Tunnel] = set()
         self.tasks: set[asyncio.Task[None]] = set()
+        self.links: set[H2Link] = set()
+        self.stopping = False
         self._stop: asyncio.Event | None = None
 
     def spawn(self, coro: Awaitable[None]) -> None:
@@ -217,6 +249,12 @@ class Engine:
                 if service.server is not None:
                     service.server.close()
             raise
+        for hop in self.chain.unverified():
+            self.log.warning(
+                "tls_unverified",
+                node=hop,
+                detail="the server certificate is not verified: give ca= or secure=true",
+            )
         for service in self.services:
             self.log.info(
                 "listening",
@@ -246,9 +284,13 @@ class Engine:
 
     async def shutdown(self) -> None:
         """Stop accepting, let tunnels finish until the drain deadline, then end them."""
+        self.stopping = True
         for service in self.services:
             if service.server is not None:
                 service.server.close()
+        # Tell sidecars on our h2 links to open new streams elsewhere.
+        for link in list(self.links):
+            link.send_goaway()
         self.log.info("draining", tunnels=len(self.tunnels), deadline_s=self.drain_timeout)
         if self.tasks:
             _, pending = await asyncio.wait(set(self.tasks), timeout=self.drain_timeout)
@@ -265,4 +307,7 @@ class Engine:
             if service.server is not None:
                 with suppress(Exception):
                     await asyncio.wait_for(service.server.wait_closed(), 1.0)
+        for link in list(self.links):
+            link.close("shutdown")
+        self.chain.close()
         self.log.info("stopped")

@@ -142,6 +142,13 @@ class HopRefused(UpstreamError):
         self.socks5_reply = socks5_reply
 
 
+class TierLinkLost(UpstreamError):
+    """The HTTP/2 link between sidecar and DMZ went away (closed, PING unanswered,
+    GOAWAY before the stream was processed)."""
+
+    close_reason = "tier_link_lost"
+
+
 def map_os_error(exc: BaseException, what: str) -> PyegressError:
     """Turn an error from the socket or TLS layer into a project error.
 

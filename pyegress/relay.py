@@ -106,7 +106,10 @@ class Relay:
         if self.reason is not None:
             return
         if exc is not None:
-            self.finish("client_reset" if side is self.client else "upstream_reset", reset=True)
+            reason = getattr(exc, "close_reason", None)
+            if not isinstance(reason, str):
+                reason = "client_reset" if side is self.client else "upstream_reset"
+            self.finish(reason, reset=True)
         else:
             # Closed without an error (a TLS close_notify, or a side we closed): nothing
             # more can be delivered to it, so the tunnel is over once the other side's

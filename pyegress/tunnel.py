@@ -30,6 +30,7 @@ class Tunnel:
     host: str = ""
     port: int = 0
     user: str | None = None
+    identity: str | None = None
     reason: str | None = None
     error: str | None = None
     status: int | None = None
@@ -55,6 +56,8 @@ class Tunnel:
         }
         if self.user is not None:
             record["user"] = self.user
+        if self.identity is not None:
+            record["identity"] = self.identity
         if self.status is not None:
             record["status"] = self.status
         if self.error is not None:

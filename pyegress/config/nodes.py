@@ -142,6 +142,20 @@ class Node:
     forward_targets: tuple[str, ...] = ()
     params: Mapping[str, str] = field(default_factory=dict)
     unknown_params: tuple[str, ...] = ()
+    # Further addresses of a node group: v3's comma host list (``a:443,b:443``) and
+    # ``ip=a,b:8443`` (a missing port inherits the node's). The first is host:port.
+    group: tuple[tuple[str, int], ...] = ()
+
+    @property
+    def members(self) -> tuple[tuple[str, int], ...]:
+        """Every address of this node (a group of one when no group is given)."""
+        return ((self.host, self.port), *self.group)
+
+    def with_address(self, host: str, port: int) -> Node:
+        """This node, pointed at one member address."""
+        from dataclasses import replace
+
+        return replace(self, host=host, port=port, group=())
 
     @property
     def address(self) -> str:
@@ -317,11 +331,30 @@ def parse_node(url: str, role: Role) -> Node:
         user = unquote(raw_user)
         password = unquote(raw_pass) if colon else ""
     kind, transport = _split_scheme(scheme, role, url)
-    host, port = _split_authority(authority, url, role)
+    group: list[tuple[str, int]] = []
+    if role == "forward" and "," in authority:
+        first, *more = authority.split(",")
+        host, port = _split_authority(first, url, role)
+        group = [_split_authority(a, url, role) for a in more if a]
+    else:
+        host, port = _split_authority(authority, url, role)
     targets = tuple(t for t in path.strip("/").split(",") if t)
     params, unknown = _canonical_params(query, url)
     if "auth" in params and user is None:
         user, password = _decode_auth_param(params["auth"], url)
+    if role == "forward" and params.get("ip"):
+        # gost v2: the ip= list is the group; the URL's own host only gives the port.
+        listed: list[tuple[str, int]] = []
+        for item in params["ip"].split(","):
+            item = item.strip()
+            if not item:
+                continue
+            if item.startswith("[") or item.count(":") == 1:
+                listed.append(_split_authority(item, url, role))
+            else:
+                listed.append((item, port))
+        if listed:
+            (host, port), group = listed[0], listed[1:]
     if role == "listen" and targets:
         if kind == "auto" or transport in ("tcp", "tls"):
             kind = "tcp"
@@ -341,6 +374,7 @@ def parse_node(url: str, role: Role) -> Node:
         forward_targets=targets,
         params=params,
         unknown_params=unknown,
+        group=tuple(a for a in group if a != (host, port)),
     )
 
 

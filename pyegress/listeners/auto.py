@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import asyncio
 
-from pyegress.endpoint import TcpEndpoint
+from pyegress.endpoint import Endpoint
 from pyegress.engine import Service
 from pyegress.errors import HandshakeTimeout
 from pyegress.listeners import http, socks4, socks5
 
 
-async def serve(client: TcpEndpoint, service: Service) -> None:
+async def serve(client: Endpoint, service: Service) -> None:
     try:
         async with asyncio.timeout(service.handshake_timeout):
             first = await client.read()

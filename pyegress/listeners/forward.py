@@ -6,11 +6,11 @@ through the chain like any other tunnel.
 
 from __future__ import annotations
 
-from pyegress.endpoint import TcpEndpoint
+from pyegress.endpoint import Endpoint
 from pyegress.engine import Service
 
 
-async def serve(client: TcpEndpoint, service: Service) -> None:
+async def serve(client: Endpoint, service: Service) -> None:
     host, port = service.next_forward_target()
     async with service.tunnel(client, "tcp") as t:
         upstream = await service.dial(t, host, port)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 
-from pyegress.endpoint import Endpoint, TcpEndpoint, read_message
+from pyegress.endpoint import Endpoint, read_message
 from pyegress.engine import Service
 from pyegress.errors import (
     AuthRequired,
@@ -56,7 +56,7 @@ def _truncated_request(partial: bytes) -> PyegressError:
     return LocalProtocolError("client closed in the middle of a request head")
 
 
-async def serve(client: TcpEndpoint, service: Service) -> None:
+async def serve(client: Endpoint, service: Service) -> None:
     first = True
     while True:
         try:
@@ -110,7 +110,7 @@ def _authenticate(service: Service, head: RequestHead) -> str | None:
     return creds[0]
 
 
-async def handle_request(client: TcpEndpoint, service: Service, head: RequestHead) -> bool:
+async def handle_request(client: Endpoint, service: Service, head: RequestHead) -> bool:
     """Serve one request; True when the client connection may carry another."""
     kind = "http-connect" if head.method == "CONNECT" else "http-forward"
     async with service.tunnel(client, kind) as t:
@@ -140,13 +140,15 @@ async def handle_request(client: TcpEndpoint, service: Service, head: RequestHea
         return False
 
 
-async def _forward(client: TcpEndpoint, service: Service, head: RequestHead, t: Tunnel) -> bool:
+async def _forward(client: Endpoint, service: Service, head: RequestHead, t: Tunnel) -> bool:
     uri = parse_absolute_uri(head.target)
     if uri.scheme != "http":
         raise LocalProtocolError(f"cannot forward a {uri.scheme!r} URL; use CONNECT")
     framing = request_body_framing(head)
     t.host, t.port = uri.host, uri.port
     upstream = await service.dial(t, uri.host, uri.port)
+    # Count only this request's bytes, not the hops' own handshakes.
+    sent_before, received_before = upstream.bytes_out, upstream.bytes_in
     try:
         headers = strip_hop_by_hop(head.headers)
         if head.get("Host") is None:
@@ -155,13 +157,13 @@ async def _forward(client: TcpEndpoint, service: Service, head: RequestHead, t: 
         upstream.write(render_request_head(head.method, uri.origin_form, headers, head.version))
         return await _exchange(client, upstream, service, head, framing, t)
     finally:
-        t.bytes_up += upstream.bytes_out
-        t.bytes_down += upstream.bytes_in
+        t.bytes_up += upstream.bytes_out - sent_before
+        t.bytes_down += upstream.bytes_in - received_before
         upstream.close()
 
 
 async def _exchange(
-    client: TcpEndpoint,
+    client: Endpoint,
     upstream: Endpoint,
     service: Service,
     head: RequestHead,

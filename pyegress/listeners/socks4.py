@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 
-from pyegress.endpoint import TcpEndpoint, read_message
+from pyegress.endpoint import Endpoint, read_message
 from pyegress.engine import Service
 from pyegress.errors import (
     AuthRequired,
@@ -24,7 +24,7 @@ def _truncated(_: bytes) -> PyegressError:
     return LocalProtocolError("client closed during the SOCKS4 request")
 
 
-async def serve(client: TcpEndpoint, service: Service) -> None:
+async def serve(client: Endpoint, service: Service) -> None:
     async with service.tunnel(client, "socks4") as t:
         try:
             async with asyncio.timeout(service.handshake_timeout):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 
-from pyegress.endpoint import Endpoint, TcpEndpoint, read_message
+from pyegress.endpoint import Endpoint, read_message
 from pyegress.engine import Service
 from pyegress.errors import (
     SOCKS5_COMMAND_NOT_SUPPORTED,
@@ -27,7 +27,7 @@ def _truncated(_: bytes) -> PyegressError:
     return LocalProtocolError("client closed during the SOCKS5 handshake")
 
 
-async def serve(client: TcpEndpoint, service: Service) -> None:
+async def serve(client: Endpoint, service: Service) -> None:
     async with service.tunnel(client, "socks5") as t:
         try:
             async with asyncio.timeout(service.handshake_timeout):
