@@ -79,6 +79,9 @@ PATHS = [
     "tcp-forward",
     "chain-http",
     "chain-socks5",
+    "h2-link",
+    "h2-link-asyncio",
+    "h2c-link-socks5",
 ]
 
 
@@ -103,6 +106,23 @@ def path(request: pytest.FixtureRequest, pyegress: PyegressFactory, tcp_origin: 
         p = pyegress(["-L", f"tcp://127.0.0.1:{{0}}/127.0.0.1:{tcp_origin.port}" + idle])
         port = p.ports[0]  # type: ignore[attr-defined]
         return Path(lambda: socket.create_connection(("127.0.0.1", port), timeout=10), [p])
+    if name.startswith(("h2-link", "h2c-link")):
+        # The tier link: sidecar -> HTTP/2 stream -> DMZ -> origin.
+        loop = "asyncio" if name.endswith("asyncio") else "uvloop"
+        link = "h2c" if name.startswith("h2c") else "h2"
+        dmz = pyegress(["-L", link + "://127.0.0.1:{0}" + idle], loop=loop)
+        inner = "socks5+" if name.endswith("socks5") else ""
+        sidecar = pyegress(
+            [
+                "-L",
+                "http://127.0.0.1:{0}" + idle,
+                "-F",
+                f"{inner}{link}://127.0.0.1:{dmz.ports[0]}",  # type: ignore[attr-defined]
+            ],
+            loop=loop,
+        )
+        opener = _http_opener(sidecar.ports[0], tcp_origin)  # type: ignore[attr-defined]
+        return Path(opener, [sidecar, dmz])
     # Chains: the entry pyegress dials the origin through a second pyegress.
     scheme = "http" if name == "chain-http" else "socks5"
     hop = pyegress(["-L", scheme + "://127.0.0.1:{0}" + idle])
