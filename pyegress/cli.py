@@ -41,6 +41,7 @@ _IMPLEMENTED = {
     "strategy",
     "max_fails",
     "fail_timeout",
+    "max_streams",
 }
 
 

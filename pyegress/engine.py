@@ -14,6 +14,7 @@ import signal
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager, suppress
+from typing import Any
 
 from pyegress import __version__
 from pyegress.chain import Chain
@@ -80,6 +81,7 @@ class Service:
         self.user = node.user
         self.password = node.password
         self.server: asyncio.Server | None = None
+        self.max_streams = max(1, node.integer("max_streams", 1000))
         self.h2_path = node.param("path") or None
         if self.h2_path is not None and not self.h2_path.startswith("/"):
             self.h2_path = "/" + self.h2_path
@@ -105,21 +107,32 @@ class Service:
         ok_pass = hmac.compare_digest(password.encode(), (self.password or "").encode())
         return ok_user and ok_pass
 
-    def _protocol_factory(self) -> tuple[Callable[[], asyncio.BaseProtocol], ssl.SSLContext | None]:
+    def _protocol_factory(self) -> Callable[[], asyncio.BaseProtocol]:
         transport = self.node.transport
         warn = self.log.warning
+        factory: Callable[[], asyncio.BaseProtocol]
         if transport in ("h2", "h2c", "http2"):
             from pyegress.listeners.h2 import H2ServerLink
 
+            factory = lambda: H2ServerLink(self)  # noqa: E731
             ctx = None if transport == "h2c" else server_context(self.node, ["h2"], warn)
-            return (lambda: H2ServerLink(self)), ctx
-        ctx = server_context(self.node, None, warn) if transport == "tls" else None
-        return (lambda: TcpEndpoint(self._accepted)), ctx
+        else:
+            factory = lambda: TcpEndpoint(self._accepted)  # noqa: E731
+            ctx = server_context(self.node, None, warn) if transport == "tls" else None
+        if ctx is None:
+            return factory
+        from pyegress.listeners.tls import TlsAcceptor
+
+        context = ctx
+        inner = factory
+        return lambda: TlsAcceptor(
+            inner, context, self.handshake_timeout, self.log, self.engine.spawn
+        )
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         host = self.node.host or None
-        factory, ctx = self._protocol_factory()
+        factory = self._protocol_factory()
         try:
             server = await loop.create_server(
                 factory,
@@ -127,8 +140,6 @@ class Service:
                 self.node.port,
                 reuse_address=True,
                 backlog=1024,
-                ssl=ctx,
-                ssl_handshake_timeout=self.handshake_timeout if ctx is not None else None,
             )
         except OSError as exc:
             raise ConfigError(
@@ -264,6 +275,21 @@ class Engine:
                 chain=self.chain.describe(),
             )
 
+    def _loop_exception(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        """Errors the event loop catches (a failed TLS handshake, mostly) as one log line."""
+        exc = context.get("exception")
+        transport = context.get("transport")
+        peer = transport.get_extra_info("peername") if transport is not None else None
+        fields: dict[str, Any] = {"detail": context.get("message", "")}
+        if peer:
+            fields["peer"] = f"{peer[0]}:{peer[1]}"
+        if exc is not None:
+            fields["error"] = f"{type(exc).__name__}: {exc}"
+        if isinstance(exc, ssl.SSLError | ConnectionError | TimeoutError):
+            self.log.warning("tls_handshake_failed", **fields)
+        else:
+            self.log.error("loop_error", **fields)
+
     def request_stop(self) -> None:
         if self._stop is not None:
             self._stop.set()
@@ -271,6 +297,7 @@ class Engine:
     async def run(self) -> None:
         """Serve until SIGTERM/SIGINT, then drain and return."""
         loop = asyncio.get_running_loop()
+        loop.set_exception_handler(self._loop_exception)
         await self.start()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop)

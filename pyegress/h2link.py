@@ -158,6 +158,7 @@ class H2Stream(Endpoint):
         self._wake()
         if self.response is not None and not self.response.done():
             self.response.set_exception(exc)
+            self.response.exception()  # the opener may have given up already
         relay = self._relay
         if relay is not None:
             relay.on_lost(self, exc)
@@ -372,7 +373,8 @@ class H2Link(asyncio.Protocol):
 
     client_side = True
 
-    def __init__(self) -> None:
+    def __init__(self, max_streams: int = MAX_CONCURRENT_STREAMS) -> None:
+        self.max_streams = max_streams
         config = h2.config.H2Configuration(
             client_side=self.client_side, header_encoding="utf-8", validate_inbound_headers=True
         )
@@ -408,7 +410,7 @@ class H2Link(asyncio.Protocol):
         initial = {
             h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: STREAM_WINDOW,
             h2.settings.SettingCodes.MAX_FRAME_SIZE: MAX_FRAME_SIZE,
-            h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: MAX_CONCURRENT_STREAMS,
+            h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: self.max_streams,
         }
         if self.client_side:
             initial[h2.settings.SettingCodes.ENABLE_PUSH] = 0
@@ -426,6 +428,7 @@ class H2Link(asyncio.Protocol):
         err = TierLinkLost(reason)
         if not self.settings_received.done():
             self.settings_received.set_exception(err)
+            self.settings_received.exception()  # nobody may be waiting: mark it seen
         if self._ping_waiter is not None and not self._ping_waiter.done():
             self._ping_waiter.set_exception(err)
         for stream in list(self.streams.values()):

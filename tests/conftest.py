@@ -12,6 +12,7 @@ import trustme
 
 from tests.support import procs
 from tests.support.origins import HttpOrigin, TcpOrigin
+from tests.support.pki import CertAuthority
 from tests.support.ports import free_port, wait_port
 
 LOOPS = ["uvloop", "asyncio"]
@@ -116,3 +117,36 @@ def danted(tmp_path: Path) -> Iterator[int]:
     proc, port = procs.start_danted(tmp_path)
     yield port
     proc.stop()
+
+
+class TierCerts:
+    """Files for a mutually authenticated tier link from one test CA: the DMZ's server
+    certificate (dmz.test, localhost, 127.0.0.1, ::1) and a sidecar client certificate
+    whose identity is a SPIFFE-style SAN URI."""
+
+    IDENTITY = "spiffe://cluster.local/ns/shop/sa/web"
+
+    def __init__(self, directory: Path) -> None:
+        self.authority = CertAuthority(directory)
+        self.ca = self.authority.path
+        server = self.authority.issue(
+            "dmz.test", dns=("dmz.test", "localhost"), ips=("127.0.0.1", "::1")
+        )
+        self.server_cert, self.server_key = server.cert, server.key
+        client = self.authority.issue("web", uris=(self.IDENTITY,), client=True)
+        self.client_cert, self.client_key = client.cert, client.key
+
+    def dmz_params(self) -> str:
+        return f"cert={self.server_cert}&key={self.server_key}&ca={self.ca}"
+
+    def sidecar_params(self, server_name: str = "dmz.test") -> str:
+        return (
+            f"cert={self.client_cert}&key={self.client_key}&ca={self.ca}&serverName={server_name}"
+        )
+
+
+@pytest.fixture
+def tier_certs(tmp_path: Path) -> TierCerts:
+    d = tmp_path / "certs"
+    d.mkdir()
+    return TierCerts(d)

@@ -74,6 +74,11 @@ class H2Node:
         self.path = node.param("path") or None
         self.links: list[H2ClientLink] = []
         self._connecting: asyncio.Future[H2ClientLink] | None = None
+        # Reconnect backoff: after a failed connect, new tunnels fail fast (or go to
+        # another group member) until the backoff passes; it doubles up to 30 s.
+        self._backoff = 0.0
+        self._retry_at = 0.0
+        self._last_error: PyegressError | None = None
         self._tasks: set[asyncio.Task[None]] = set()
 
     def _request_headers(self, target: str | None) -> list[tuple[str, str]]:
@@ -134,10 +139,24 @@ class H2Node:
         # Tunnels that arrive while a connection is being made wait for that one.
         while True:
             if self._connecting is None:
+                loop = asyncio.get_running_loop()
+                if self._last_error is not None and loop.time() < self._retry_at:
+                    raise type(self._last_error)(
+                        f"{self._last_error} (reconnect in {self._retry_at - loop.time():.1f}s)"
+                    )
                 future: asyncio.Future[H2ClientLink] = asyncio.get_running_loop().create_future()
                 self._connecting = future
                 try:
                     link = await self._connect()
+                except PyegressError as exc:
+                    self._backoff = min(30.0, max(0.5, self._backoff * 2))
+                    self._retry_at = loop.time() + self._backoff
+                    self._last_error = exc
+                    self._connecting = None
+                    if not future.done():
+                        future.set_exception(exc)
+                        future.exception()
+                    raise
                 except BaseException as exc:
                     self._connecting = None
                     if not future.done():
@@ -145,6 +164,8 @@ class H2Node:
                         future.exception()  # retrieved here; waiters re-raise it
                     raise
                 self._connecting = None
+                self._backoff = 0.0
+                self._last_error = None
                 future.set_result(link)
                 return link
             link = await asyncio.shield(self._connecting)

@@ -116,6 +116,8 @@ _PARAM_ALIASES = {
     "notls": "notls",
     "sniffing": "sniffing",
     "tproxy": "tproxy",
+    "maxstreams": "max_streams",
+    "max_streams": "max_streams",
 }
 _V3_PREFIXES = ("service.", "handler.", "listener.", "node.", "connector.", "dialer.", "hop.")
 

@@ -32,7 +32,7 @@ class H2ServerLink(H2Link):
     client_side = False
 
     def __init__(self, service: Service) -> None:
-        super().__init__()
+        super().__init__(service.max_streams)
         self.service = service
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
