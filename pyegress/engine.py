@@ -107,7 +107,9 @@ class Service:
         ok_pass = hmac.compare_digest(password.encode(), (self.password or "").encode())
         return ok_user and ok_pass
 
-    def _protocol_factory(self) -> Callable[[], asyncio.BaseProtocol]:
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        host = self.node.host or None
         transport = self.node.transport
         warn = self.log.warning
         factory: Callable[[], asyncio.BaseProtocol]
@@ -119,33 +121,21 @@ class Service:
         else:
             factory = lambda: TcpEndpoint(self._accepted)  # noqa: E731
             ctx = server_context(self.node, None, warn) if transport == "tls" else None
-        if ctx is None:
-            return factory
-        from pyegress.listeners.tls import TlsAcceptor
-
-        context = ctx
-        inner = factory
-        return lambda: TlsAcceptor(
-            inner, context, self.handshake_timeout, self.log, self.engine.spawn
-        )
-
-    async def start(self) -> None:
-        loop = asyncio.get_running_loop()
-        host = self.node.host or None
-        factory = self._protocol_factory()
         try:
-            server = await loop.create_server(
-                factory,
-                host,
-                self.node.port,
-                reuse_address=True,
-                backlog=1024,
-            )
+            if ctx is None:
+                self.server = await loop.create_server(
+                    factory, host, self.node.port, reuse_address=True, backlog=1024
+                )
+            else:
+                from pyegress.listeners.tls import TlsServer
+
+                server = TlsServer(factory, ctx, self.handshake_timeout, self.log)
+                await server.start(host, self.node.port)
+                self.server = server  # type: ignore[assignment]
         except OSError as exc:
             raise ConfigError(
                 f"cannot listen on {self.node.address}: {exc.strerror or exc}"
             ) from None
-        self.server = server
 
     @property
     def bound_addresses(self) -> list[tuple[str, int]]:
@@ -163,6 +153,8 @@ class Service:
     async def serve(self, endpoint: Endpoint) -> None:
         """Run this service's handler on one client connection or stream."""
         try:
+            if self.node.kind != "tcp" and not await self._first_bytes(endpoint):
+                return
             await self.handler(endpoint, self)
         except PyegressError as exc:
             # A listener lets a project error escape only after answering the client.
@@ -172,6 +164,20 @@ class Service:
             endpoint.abort()
         finally:
             endpoint.close()
+
+    async def _first_bytes(self, endpoint: Endpoint) -> bool:
+        """Wait for the client's first bytes. A connection closed before saying anything
+        (a port probe) is no tunnel; one silent past the handshake timeout is recorded."""
+        try:
+            async with asyncio.timeout(self.handshake_timeout):
+                first = await endpoint.read()
+        except TimeoutError:
+            async with self.tunnel(endpoint, self.node.kind) as t:
+                t.reason = "handshake_timeout"
+                t.error = "no bytes from the client in time"
+            return False
+        endpoint.unread(first)
+        return bool(first)
 
     # -- what listeners call ----------------------------------------------------------
 

@@ -6,7 +6,8 @@ relay only keeps the tunnel's end-of-life rules:
 
 - A FIN from one side becomes a FIN to the other (``write_eof``) and the other direction
   keeps flowing: the tunnel ends when both directions have ended (close reason ``eof``).
-  A side that cannot half-close (TLS) just keeps the remaining direction open.
+  A leg that cannot half-close (TLS) gets no FIN: the upstream's end closes the client's
+  TLS leg, and a client's end waits for the upstream's answer.
 - A reset (the connection lost with an error) on one side resets the other side
   (``client_reset`` / ``upstream_reset``).
 - No byte in either direction for ``idle_timeout`` seconds ends it (``idle_timeout``).
@@ -101,6 +102,12 @@ class Relay:
         other = self._other(side)
         if other.can_write_eof():
             other.write_eof()
+        elif side is self.upstream:
+            # The client's leg cannot carry a half-close (TLS): closing it is the only
+            # way to tell the client the upstream is done.
+            self.finish("eof")
+        # A client FIN towards a leg that cannot half-close is held back: the upstream
+        # may still be answering, and it ends the tunnel when it is done.
 
     def on_lost(self, side: Endpoint, exc: BaseException | None) -> None:
         if self.reason is not None:

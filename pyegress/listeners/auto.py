@@ -2,23 +2,14 @@
 
 from __future__ import annotations
 
-import asyncio
-
 from pyegress.endpoint import Endpoint
 from pyegress.engine import Service
-from pyegress.errors import HandshakeTimeout
 from pyegress.listeners import http, socks4, socks5
 
 
 async def serve(client: Endpoint, service: Service) -> None:
-    try:
-        async with asyncio.timeout(service.handshake_timeout):
-            first = await client.read()
-    except TimeoutError:
-        async with service.tunnel(client, "auto") as t:
-            t.reason = "handshake_timeout"
-            t.error = str(HandshakeTimeout("no bytes from the client in time"))
-        return
+    # Service.serve has already waited for the first bytes.
+    first = await client.read()
     if not first:
         return
     client.unread(first)

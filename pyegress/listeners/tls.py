@@ -1,58 +1,91 @@
-"""Server-side TLS that we drive ourselves, so every refused handshake is logged.
+"""A TLS listening server that sees every handshake's outcome, so refusals are logged.
 
-asyncio's built-in ``create_server(ssl=...)`` drops a failed handshake silently (an
-``ssl.SSLError`` is an ``OSError``, logged only in debug mode). An egress exit must say
-who was refused and why (a missing or untrusted client certificate), so TLS listeners
-accept plain TCP and run the handshake with ``loop.start_tls`` here.
+asyncio's ``create_server(ssl=...)`` drops a failed handshake silently (``ssl.SSLError``
+is an ``OSError``, logged only in debug mode), and running ``start_tls`` on an accepted
+transport races with uvloop, which may deliver the first bytes before the TLS layer is
+in place. So TLS listeners accept raw sockets themselves and hand each one to
+``loop.connect_accepted_socket(..., ssl=...)``, which returns once the handshake is
+done or raises why it failed: a missing or untrusted client certificate is one log line
+naming the peer and the reason.
 """
 
 from __future__ import annotations
 
 import asyncio
+import socket
 import ssl
 from collections.abc import Callable
+from contextlib import suppress
 from typing import Any
 
 from pyegress.observe.log import Logger
 
 
-class TlsAcceptor(asyncio.Protocol):
-    """Accepts TCP, completes TLS, then hands the TLS transport to the real protocol."""
+def _listening_sockets(host: str | None, port: int, backlog: int) -> list[socket.socket]:
+    if not host:
+        if socket.has_dualstack_ipv6():
+            sock = socket.create_server(
+                ("", port), family=socket.AF_INET6, dualstack_ipv6=True, backlog=backlog
+            )
+        else:
+            sock = socket.create_server(("", port), backlog=backlog)
+        return [sock]
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    family, _, _, _, address = infos[0]
+    return [socket.create_server(address[:2], family=family, backlog=backlog)]
 
-    __slots__ = ("_context", "_factory", "_log", "_spawn", "_timeout")
+
+class TlsServer:
+    """The part of ``asyncio.Server``'s surface a service uses: sockets, close, wait."""
 
     def __init__(
         self,
         factory: Callable[[], asyncio.BaseProtocol],
         context: ssl.SSLContext,
-        timeout: float,
+        handshake_timeout: float,
         log: Logger,
-        spawn: Callable[[Any], None],
     ) -> None:
         self._factory = factory
         self._context = context
-        self._timeout = timeout
+        self._timeout = handshake_timeout
         self._log = log
-        self._spawn = spawn
+        self.sockets: list[socket.socket] = []
+        self._accepting: list[asyncio.Task[None]] = []
+        self._handshakes: set[asyncio.Task[None]] = set()
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # Nothing may be read before the TLS layer takes over the transport.
-        transport.pause_reading()  # type: ignore[attr-defined]
-        self._spawn(self._handshake(transport))
+    async def start(self, host: str | None, port: int, backlog: int = 1024) -> None:
+        self.sockets = _listening_sockets(host, port, backlog)
+        for sock in self.sockets:
+            sock.setblocking(False)
+            self._accepting.append(asyncio.ensure_future(self._accept(sock)))
 
-    async def _handshake(self, transport: Any) -> None:
+    async def _accept(self, listener: socket.socket) -> None:
         loop = asyncio.get_running_loop()
-        protocol = self._factory()
-        peer = transport.get_extra_info("peername")
+        while True:
+            try:
+                conn, _ = await loop.sock_accept(listener)
+            except OSError as exc:  # EMFILE and friends: back off, keep serving
+                self._log.warning("accept_failed", error=str(exc))
+                await asyncio.sleep(0.1)
+                continue
+            task = asyncio.ensure_future(self._handshake(conn))
+            self._handshakes.add(task)
+            task.add_done_callback(self._handshakes.discard)
+
+    async def _handshake(self, conn: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
         try:
-            new = await loop.start_tls(
-                transport,
-                protocol,
-                self._context,
-                server_side=True,
+            peer: Any = conn.getpeername()
+        except OSError:
+            peer = None
+        try:
+            await loop.connect_accepted_socket(
+                self._factory,
+                conn,
+                ssl=self._context,
                 ssl_handshake_timeout=self._timeout,
             )
-        except (OSError, TimeoutError, ConnectionError, ssl.SSLError) as exc:
+        except (OSError, TimeoutError, ssl.SSLError) as exc:
             reason = getattr(exc, "reason", None) or type(exc).__name__
             self._log.warning(
                 "tls_handshake_failed",
@@ -60,9 +93,15 @@ class TlsAcceptor(asyncio.Protocol):
                 reason=str(reason),
                 error=str(exc) or type(exc).__name__,
             )
-            transport.abort()
-            return
-        if new is None:
-            transport.abort()
-            return
-        protocol.connection_made(new)
+            with suppress(OSError):
+                conn.close()
+
+    def close(self) -> None:
+        for task in self._accepting:
+            task.cancel()
+        for sock in self.sockets:
+            sock.close()
+
+    async def wait_closed(self) -> None:
+        if self._accepting:
+            await asyncio.gather(*self._accepting, return_exceptions=True)

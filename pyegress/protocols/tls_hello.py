@@ -247,7 +247,7 @@ def _parse_body(body: bytes, length: int) -> ClientHello:
     extensions, a duplicate extension type (RFC 8446 section 4.2) and malformed
     server_name, ALPN or supported_versions extensions.
     """
-    reader = _Reader(body, "ClientHello")
+    reader = _Reader(body, "message")
     legacy_version = reader.uint(2, "legacy_version")
     reader.take(32, "random")
     session_id = reader.vector(1, "legacy_session_id")
