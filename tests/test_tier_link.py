@@ -175,7 +175,7 @@ def test_sidecar_headers_and_inner_connect_decoded_independently(
         raw, _ = listener.accept()
         with ctx.wrap_socket(raw, server_side=True) as conn:
             seen["alpn"] = conn.selected_alpn_protocol()
-            assert recv_exact(conn, len(PREFACE)) == PREFACE  # type: ignore[arg-type]
+            assert recv_exact(conn, len(PREFACE)) == PREFACE
             h2 = RawH2(conn)
             h2.send(SettingsFrame(0))
             frame = h2.read_frame()
