@@ -15,6 +15,7 @@ from pathlib import Path
 
 import hyperframe.frame
 import pytest
+import trustme
 from hyperframe.frame import DataFrame, HeadersFrame, SettingsFrame, WindowUpdateFrame
 
 from tests.conftest import PyegressFactory, TierCerts
@@ -401,3 +402,33 @@ def test_stream_end_is_a_fin_both_ways(tier: Tier, tcp_origin: TcpOrigin) -> Non
         rest += chunk
     sock.close()
     assert bytes(rest) == pattern(10 * 1024 * 1024)
+
+
+def test_auto_handler_forwards_a_raw_client_hello_to_its_sni(
+    pyegress: PyegressFactory, ca: trustme.CA, ca_file: Path
+) -> None:
+    """A stream that starts with a TLS ClientHello goes to SNI:443, bytes untouched."""
+    cert = ca.issue_cert("localhost")
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    cert.configure_cert(ctx)
+    try:
+        origin = HttpOrigin(tls=ctx, port=443).start()
+    except OSError:
+        pytest.skip("port 443 on loopback is not available (needs root and a free port)")
+    try:
+        proxy = pyegress(["-L", "127.0.0.1:{0}"])
+        client_ctx = ssl.create_default_context(cafile=str(ca_file))
+        raw = socket.create_connection(("127.0.0.1", proxy.ports[0]), timeout=10)  # type: ignore[attr-defined]
+        with client_ctx.wrap_socket(raw, server_hostname="localhost") as conn:
+            conn.sendall(
+                b"GET /bytes/5000 HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+            )
+            data = bytearray()
+            while chunk := conn.recv(65536):
+                data += chunk
+        assert data.startswith(b"HTTP/1.1 200")
+        assert data.endswith(pattern(5000))
+        record = _record(proxy, kind="tls-sni")
+        assert record["target"] == "localhost:443"
+    finally:
+        origin.stop()

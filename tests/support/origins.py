@@ -195,9 +195,11 @@ class _Server(http.server.ThreadingHTTPServer):
 
 
 class HttpOrigin:
-    def __init__(self, tls: ssl.SSLContext | None = None, host: str = "127.0.0.1") -> None:
+    def __init__(
+        self, tls: ssl.SSLContext | None = None, host: str = "127.0.0.1", port: int = 0
+    ) -> None:
         self.host = host
-        self.server = _Server((host, 0), _Handler)
+        self.server = _Server((host, port), _Handler)
         self.server.requests = []
         self.port = int(self.server.server_address[1])
         if tls is not None:
