@@ -12,12 +12,9 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[test,bench]'
 	touch $(STAMP)
 
-## make run: start the main job (for now a forward proxy on 127.0.0.1:18080, SOCKS5 on :11080)
+## make run: the local demo: sidecar + mutual-TLS h2 link + DMZ + origin (pyegress/demo.py)
 run: $(STAMP)
-	@echo "pyegress: HTTP proxy on 127.0.0.1:18080, SOCKS5 on 127.0.0.1:11080 (Ctrl-C stops)"
-	@echo "try:  curl -x http://127.0.0.1:18080 https://pypi.org/simple/ -o /dev/null -w '%{http_code}\n'"
-	@echo "      curl --socks5-hostname 127.0.0.1:11080 http://example.com/"
-	$(VENV)/bin/pyegress -L http://127.0.0.1:18080 -L socks5://127.0.0.1:11080
+	$(PY) -m pyegress.demo
 
 ## make test: lint, type-check, then the whole test suite
 test: $(STAMP) lint typecheck
