@@ -261,7 +261,7 @@ def _split_scheme(scheme: str, role: Role, url: str) -> tuple[str, str]:
 
 
 def _parse_port(text: str, url: str) -> int:
-    if not text.isdigit() or not 0 < int(text) < 65536:
+    if not (text.isascii() and text.isdigit() and len(text) <= 5) or not 0 < int(text) < 65536:
         raise ConfigError(f"bad port {text!r} in {url!r}")
     return int(text)
 

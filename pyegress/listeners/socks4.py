@@ -32,6 +32,7 @@ async def serve(client: Endpoint, service: Service) -> None:
         except TimeoutError:
             raise HandshakeTimeout("SOCKS4 request not completed in time") from None
         except LocalProtocolError:
+            t.status = socks4.REPLY_REJECTED
             client.write(socks4.render_reply(False))
             raise
         t.host, t.port = request.host, request.port

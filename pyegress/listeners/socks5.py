@@ -73,6 +73,7 @@ async def _handshake(client: Endpoint, service: Service, t: Tunnel) -> socks5.So
         return await read_message(client, socks5.parse_request, _truncated)
     except LocalProtocolError as exc:
         # A request we cannot parse still gets a reply code before we close.
+        t.status = exc.socks5_reply
         client.write(socks5.render_reply(exc.socks5_reply))
         raise
 

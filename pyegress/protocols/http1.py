@@ -221,6 +221,13 @@ def _parse_request_line(line: str) -> tuple[str, str, str]:
 def _early_request_check(buf: bytes | bytearray, start: int) -> None:
     """Reject an incomplete head as soon as its first line shows it is not HTTP, so a
     client speaking something else is not kept waiting for a terminator."""
+    # A bare LF line ending (RFC 9112 section 2.2 lets us reject it) would otherwise
+    # leave the client waiting for a CRLF CRLF that never comes.
+    lf = buf.find(b"\n", start)
+    while lf >= 0:
+        if lf == start or buf[lf - 1] != 0x0D:
+            raise LocalProtocolError("bare LF line ending in the request head; use CRLF")
+        lf = buf.find(b"\n", lf + 1)
     line_end = buf.find(b"\r\n", start)
     if line_end >= 0:
         _parse_request_line(bytes(buf[start:line_end]).decode("latin-1"))
