@@ -19,6 +19,8 @@ def _free_block(size: int = 12) -> int:
 
 def _is_free(port: int) -> bool:
     with socket.socket() as sock:
+        # Like the demo's servers: a port with connections in TIME_WAIT is usable.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind(("127.0.0.1", port))
         except OSError:
