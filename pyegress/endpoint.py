@@ -111,14 +111,19 @@ class Endpoint:
         return None
 
 
-class TcpEndpoint(asyncio.Protocol, Endpoint):
+class BufferedEndpoint(Endpoint):
+    """What every endpoint does the same way: the handshake-phase receive buffer, the
+    waiter that ``read`` and ``drain`` sleep on, and the shared state flags.
+
+    Subclasses feed ``_buf`` and call ``_wake``; ``_consumed`` is their hook for what
+    taking bytes out of the buffer means (resume a paused socket, credit a stream).
+    """
+
     __slots__ = (
         "_buf",
         "_closed",
         "_eof",
         "_exc",
-        "_on_made",
-        "_paused_by_buffer",
         "_peer",
         "_read_paused",
         "_relay",
@@ -126,11 +131,9 @@ class TcpEndpoint(asyncio.Protocol, Endpoint):
         "_write_paused",
         "bytes_in",
         "bytes_out",
-        "transport",
     )
 
-    def __init__(self, on_made: Callable[[TcpEndpoint], None] | None = None) -> None:
-        self.transport: asyncio.Transport | None = None
+    def __init__(self) -> None:
         self.bytes_in = 0
         self.bytes_out = 0
         self._buf = bytearray()
@@ -140,9 +143,82 @@ class TcpEndpoint(asyncio.Protocol, Endpoint):
         self._waiter: asyncio.Future[None] | None = None
         self._write_paused = False
         self._read_paused = False
-        self._paused_by_buffer = False
         self._peer: Endpoint | None = None
         self._relay: Relay | None = None
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None:
+            self._waiter = None
+            if not waiter.done():
+                waiter.set_result(None)
+
+    async def _wait(self) -> None:
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiter = waiter
+        try:
+            await waiter
+        finally:
+            if self._waiter is waiter:
+                self._waiter = None
+
+    def _consumed(self) -> None:
+        """Bytes were taken out of the handshake buffer."""
+
+    def _take_buffer(self) -> bytes:
+        data = bytes(self._buf)
+        self._buf.clear()
+        self.bytes_in += len(data)
+        self._consumed()
+        return data
+
+    async def read(self) -> bytes:
+        while True:
+            if self._buf:
+                return self._take_buffer()
+            if self._eof:
+                return b""
+            if self._closed:
+                if self._exc is not None:
+                    raise map_os_error(self._exc, "read")
+                return b""
+            await self._wait()
+
+    def unread(self, data: bytes | bytearray) -> None:
+        if data:
+            self.bytes_in -= len(data)
+            self._buf[:0] = data
+
+    async def drain(self) -> None:
+        while self._write_paused and not self._closed:
+            await self._wait()
+        if self._closed and self._exc is not None:
+            raise map_os_error(self._exc, "write")
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
+    def at_eof(self) -> bool:
+        return self._eof
+
+    @property
+    def write_paused(self) -> bool:
+        return self._write_paused
+
+    @property
+    def error(self) -> BaseException | None:
+        return self._exc
+
+
+class TcpEndpoint(asyncio.Protocol, BufferedEndpoint):
+    __slots__ = ("_on_made", "_paused_by_buffer", "transport")
+
+    def __init__(self, on_made: Callable[[TcpEndpoint], None] | None = None) -> None:
+        BufferedEndpoint.__init__(self)
+        self.transport: asyncio.Transport | None = None
+        self._paused_by_buffer = False
         self._on_made = on_made
 
     # -- asyncio.Protocol -------------------------------------------------------------
@@ -202,48 +278,10 @@ class TcpEndpoint(asyncio.Protocol, Endpoint):
 
     # -- handshake phase --------------------------------------------------------------
 
-    def _wake(self) -> None:
-        waiter = self._waiter
-        if waiter is not None:
-            self._waiter = None
-            if not waiter.done():
-                waiter.set_result(None)
-
-    async def _wait(self) -> None:
-        waiter = asyncio.get_running_loop().create_future()
-        self._waiter = waiter
-        try:
-            await waiter
-        finally:
-            if self._waiter is waiter:
-                self._waiter = None
-
-    async def read(self) -> bytes:
-        while True:
-            if self._buf:
-                data = bytes(self._buf)
-                self._buf.clear()
-                self.bytes_in += len(data)
-                if self._paused_by_buffer:
-                    self._paused_by_buffer = False
-                    self._set_reading(True)
-                return data
-            if self._eof or self._closed:
-                if self._exc is not None and not self._eof:
-                    raise map_os_error(self._exc, "read")
-                return b""
-            await self._wait()
-
-    def unread(self, data: bytes | bytearray) -> None:
-        if data:
-            self.bytes_in -= len(data)
-            self._buf[:0] = data
-
-    async def drain(self) -> None:
-        while self._write_paused and not self._closed:
-            await self._wait()
-        if self._closed and self._exc is not None:
-            raise map_os_error(self._exc, "write")
+    def _consumed(self) -> None:
+        if self._paused_by_buffer:
+            self._paused_by_buffer = False
+            self._set_reading(True)
 
     # -- writing and closing ----------------------------------------------------------
 
@@ -288,15 +326,12 @@ class TcpEndpoint(asyncio.Protocol, Endpoint):
     def attach(self, peer: Endpoint, relay: Relay) -> None:
         self._peer = peer
         self._relay = relay
+        if self._buf:
+            peer.write(self._take_buffer())
         if self._paused_by_buffer:
             self._paused_by_buffer = False
             if not self._read_paused:
                 self._set_reading(True)
-        if self._buf:
-            data = bytes(self._buf)
-            self._buf.clear()
-            self.bytes_in += len(data)
-            peer.write(data)
         if peer.write_paused:
             self.pause_reading()
         if self._eof:
@@ -328,22 +363,6 @@ class TcpEndpoint(asyncio.Protocol, Endpoint):
         transport.abort()
 
     # -- state ------------------------------------------------------------------------
-
-    @property
-    def closed(self) -> bool:
-        return self._closed
-
-    @property
-    def at_eof(self) -> bool:
-        return self._eof
-
-    @property
-    def write_paused(self) -> bool:
-        return self._write_paused
-
-    @property
-    def error(self) -> BaseException | None:
-        return self._exc
 
     def _address(self, key: str) -> tuple[str, int]:
         if self.transport is None:

@@ -43,8 +43,8 @@ import h2.exceptions
 import h2.settings
 import hyperframe.frame
 
-from pyegress.endpoint import Endpoint
-from pyegress.errors import TierLinkLost, map_os_error
+from pyegress.endpoint import BufferedEndpoint, Endpoint
+from pyegress.errors import TierLinkLost
 
 if TYPE_CHECKING:
     from pyegress.relay import Relay
@@ -71,28 +71,18 @@ def _lean_data_repr(self: hyperframe.frame.DataFrame) -> str:
 hyperframe.frame.DataFrame._body_repr = _lean_data_repr  # type: ignore[method-assign, assignment]
 
 
-class H2Stream(Endpoint):
-    """One tunnel: an HTTP/2 stream seen as a byte stream."""
+class H2Stream(BufferedEndpoint):
+    """One tunnel: an HTTP/2 stream seen as a byte stream. ``_eof`` is the peer's
+    END_STREAM; ``_local_ended`` ours."""
 
     __slots__ = (
-        "_buf",
         "_buf_credit",
-        "_closed",
         "_credit",
         "_end_after_pending",
-        "_exc",
         "_held",
         "_local_ended",
-        "_peer",
         "_pending",
-        "_read_paused",
-        "_relay",
-        "_remote_ended",
         "_reset_after_pending",
-        "_waiter",
-        "_write_paused",
-        "bytes_in",
-        "bytes_out",
         "headers",
         "link",
         "response",
@@ -100,28 +90,18 @@ class H2Stream(Endpoint):
     )
 
     def __init__(self, link: H2Link, stream_id: int) -> None:
+        super().__init__()
         self.link = link
         self.stream_id = stream_id
-        self.bytes_in = 0
-        self.bytes_out = 0
         self.headers: list[tuple[str, str]] = []
         self.response: asyncio.Future[list[tuple[str, str]]] | None = None
-        self._buf = bytearray()
         self._buf_credit = 0
         self._pending = bytearray()
-        self._remote_ended = False
         self._local_ended = False
         self._end_after_pending = False
         self._reset_after_pending = False
-        self._closed = False
-        self._exc: BaseException | None = None
-        self._waiter: asyncio.Future[None] | None = None
-        self._write_paused = False
-        self._read_paused = False
         self._credit = 0
         self._held = 0
-        self._peer: Endpoint | None = None
-        self._relay: Relay | None = None
 
     # -- events from the link ---------------------------------------------------------
 
@@ -140,7 +120,7 @@ class H2Stream(Endpoint):
         self._wake()
 
     def _on_end(self) -> None:
-        self._remote_ended = True
+        self._eof = True
         relay = self._relay
         if relay is not None:
             relay.on_eof(self)
@@ -171,49 +151,10 @@ class H2Stream(Endpoint):
 
     # -- handshake phase --------------------------------------------------------------
 
-    def _wake(self) -> None:
-        waiter = self._waiter
-        if waiter is not None:
-            self._waiter = None
-            if not waiter.done():
-                waiter.set_result(None)
-
-    async def _wait(self) -> None:
-        waiter = asyncio.get_running_loop().create_future()
-        self._waiter = waiter
-        try:
-            await waiter
-        finally:
-            if self._waiter is waiter:
-                self._waiter = None
-
-    async def read(self) -> bytes:
-        while True:
-            if self._buf:
-                data = bytes(self._buf)
-                self._buf.clear()
-                self.bytes_in += len(data)
-                credit, self._buf_credit = self._buf_credit, 0
-                self._add_credit(credit)
-                return data
-            if self._closed:
-                if self._exc is not None and not self._remote_ended:
-                    raise map_os_error(self._exc, "read from stream")
-                return b""
-            if self._remote_ended:
-                return b""
-            await self._wait()
-
-    def unread(self, data: bytes | bytearray) -> None:
-        if data:
-            self.bytes_in -= len(data)
-            self._buf[:0] = data
-
-    async def drain(self) -> None:
-        while self._write_paused and not self._closed:
-            await self._wait()
-        if self._closed and self._exc is not None:
-            raise map_os_error(self._exc, "write to stream")
+    def _consumed(self) -> None:
+        credit, self._buf_credit = self._buf_credit, 0
+        if credit:
+            self._add_credit(credit)
 
     # -- writing ----------------------------------------------------------------------
 
@@ -260,7 +201,7 @@ class H2Stream(Endpoint):
             return
         self._local_ended = True
         self.link.end_stream(self.stream_id)
-        if self._reset_after_pending and not self._remote_ended:
+        if self._reset_after_pending and not self._eof:
             self.abort(h2.errors.ErrorCodes.CANCEL)
             return
         self._maybe_forget()
@@ -297,6 +238,7 @@ class H2Stream(Endpoint):
             self._buf.clear()
             self.bytes_in += len(data)
             peer.write(data)
+        # What the buffer held is now handed onward: credit it unless the peer is full.
         credit, self._buf_credit = self._buf_credit, 0
         if credit:
             if peer.write_paused:
@@ -305,7 +247,7 @@ class H2Stream(Endpoint):
                 self._add_credit(credit)
         if peer.write_paused:
             self.pause_reading()
-        if self._remote_ended:
+        if self._eof:
             relay.on_eof(self)
 
     # -- closing ----------------------------------------------------------------------
@@ -314,10 +256,10 @@ class H2Stream(Endpoint):
         """End our side after the pending bytes; stop the peer's side if still open."""
         if self._closed:
             return
-        if not self._remote_ended:
+        if not self._eof:
             self._reset_after_pending = True
         if self._local_ended:
-            if not self._remote_ended:
+            if not self._eof:
                 self.abort(h2.errors.ErrorCodes.CANCEL)
             return
         self.write_eof()
@@ -332,28 +274,12 @@ class H2Stream(Endpoint):
         self.link.forget(self.stream_id)
 
     def _maybe_forget(self) -> None:
-        if self._local_ended and self._remote_ended and not self._closed:
+        if self._local_ended and self._eof and not self._closed:
             self._closed = True
             self._wake()
             self.link.forget(self.stream_id)
 
     # -- state ------------------------------------------------------------------------
-
-    @property
-    def closed(self) -> bool:
-        return self._closed
-
-    @property
-    def at_eof(self) -> bool:
-        return self._remote_ended
-
-    @property
-    def error(self) -> BaseException | None:
-        return self._exc
-
-    @property
-    def write_paused(self) -> bool:
-        return self._write_paused
 
     @property
     def peer_address(self) -> tuple[str, int]:

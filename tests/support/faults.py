@@ -6,6 +6,9 @@
 - :func:`h2_tls_client` opens a TLS connection to a DMZ like a sidecar would, so a test
   can write raw bytes into it; :func:`read_frames` decodes what comes back with
   hyperframe, independently of pyegress's h2 code.
+- :class:`RefusingH2Server` is a DMZ that speaks HTTP/2 but answers every stream with
+  RST_STREAM(REFUSED_STREAM), the code that tells a client "not processed, retry
+  elsewhere" (RFC 9113 section 8.7).
 - :func:`frozen` SIGSTOPs a process and always SIGCONTs it.
 """
 
@@ -22,9 +25,9 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
-from hyperframe.frame import Frame
+from hyperframe.frame import Frame, HeadersFrame, PingFrame, RstStreamFrame, SettingsFrame
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 
@@ -47,7 +50,7 @@ class SilentServer:
         self._threads: list[threading.Thread] = []
         self._accept_thread = threading.Thread(target=self._accept, daemon=True)
 
-    def __enter__(self) -> SilentServer:
+    def __enter__(self) -> Self:
         self._accept_thread.start()
         return self
 
@@ -102,6 +105,75 @@ class SilentServer:
                 sock.close()
             with suppress(OSError):
                 conn.close()
+
+
+REFUSED_STREAM = 0x7
+
+
+class RefusingH2Server(SilentServer):
+    """TLS + HTTP/2 server side written with hyperframe: SETTINGS, SETTINGS ACK and PING
+    ACK as required, then RST_STREAM(REFUSED_STREAM) for every HEADERS it receives."""
+
+    def __init__(self, tls: ssl.SSLContext) -> None:
+        super().__init__(tls)
+        self.refused: list[int] = []
+
+    def _hold(self, conn: socket.socket) -> None:
+        assert self.tls is not None
+        conn.settimeout(5)
+        try:
+            sock = self.tls.wrap_socket(conn, server_side=True)
+        except (OSError, ssl.SSLError) as exc:
+            with self._lock:
+                self.handshake_errors.append(f"{type(exc).__name__}: {exc}")
+            conn.close()
+            return
+        with self._lock:
+            self.handshakes += 1
+        try:
+            self._serve(sock)
+        except (OSError, ssl.SSLError, EOFError):
+            pass
+        finally:
+            sock.close()
+
+    def _serve(self, sock: ssl.SSLSocket) -> None:
+        sock.settimeout(0.1)
+        buf = bytearray()
+        preface_seen = False
+        sock.sendall(SettingsFrame(0).serialize())
+        while not self._stop.is_set():
+            try:
+                chunk = sock.recv(65536)
+            except TimeoutError:
+                continue
+            if not chunk:
+                return
+            buf += chunk
+            if not preface_seen:
+                if len(buf) < len(PREFACE):
+                    continue
+                if bytes(buf[: len(PREFACE)]) != PREFACE:
+                    return
+                del buf[: len(PREFACE)]
+                preface_seen = True
+            while len(buf) >= 9:
+                frame, length = Frame.parse_frame_header(memoryview(bytes(buf[:9])))
+                if len(buf) < 9 + length:
+                    break
+                frame.parse_body(memoryview(bytes(buf[9 : 9 + length])))
+                del buf[: 9 + length]
+                self._answer(sock, frame)
+
+    def _answer(self, sock: ssl.SSLSocket, frame: Any) -> None:
+        if isinstance(frame, SettingsFrame) and "ACK" not in frame.flags:
+            sock.sendall(SettingsFrame(0, flags=["ACK"]).serialize())
+        elif isinstance(frame, PingFrame) and "ACK" not in frame.flags:
+            sock.sendall(PingFrame(0, opaque_data=frame.opaque_data, flags=["ACK"]).serialize())
+        elif isinstance(frame, HeadersFrame):
+            with self._lock:
+                self.refused.append(frame.stream_id)
+            sock.sendall(RstStreamFrame(frame.stream_id, error_code=REFUSED_STREAM).serialize())
 
 
 def tls_server_context(cert: Path, key: Path, alpn: list[str] | None = None) -> ssl.SSLContext:
