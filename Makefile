@@ -20,9 +20,11 @@ run: $(STAMP)
 test: $(STAMP) lint typecheck
 	$(PY) -m pytest -q
 
+LINTED := $(wildcard pyegress tests benchmarks)
+
 lint: $(STAMP)
-	$(VENV)/bin/ruff check pyegress tests benchmarks
-	$(VENV)/bin/ruff format --check pyegress tests benchmarks
+	$(VENV)/bin/ruff check $(LINTED)
+	$(VENV)/bin/ruff format --check $(LINTED)
 
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy
