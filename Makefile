@@ -32,9 +32,9 @@ typecheck: $(STAMP)
 unit: $(STAMP)
 	$(PY) -m pytest -q -m "not external and not root"
 
-## make bench: the benchmark report (benchmarks/README.md)
+## make bench: the benchmark report (benchmarks/README.md); BENCH_ARGS=--quick for a smoke run
 bench: $(STAMP)
-	$(PY) benchmarks/run.py
+	$(PY) benchmarks/run.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .mypy_cache .ruff_cache .pytest_cache

@@ -1,0 +1,1213 @@
+"""Benchmark harness: pyegress against anchor proxies on one machine, one load generator.
+
+Run from the repository root:
+
+    .venv/bin/python benchmarks/run.py [--runs N] [--quick] [--subjects a,b,...] [--out DIR]
+
+Every subject is started fresh for each round, rounds interleave the subjects
+(round-robin with a rotating start), and the report gives medians over rounds.
+All traffic stays on 127.0.0.1; every process started here is stopped by PID.
+See benchmarks/README.md for what each figure means.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import json
+import os
+import platform
+import random
+import resource
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import Any, ClassVar, Literal
+
+Proto = Literal["http", "socks5", "none"]
+JSON = dict[str, Any]
+
+BENCH_DIR = Path(__file__).resolve().parent
+REPO = BENCH_DIR.parent
+BUILD_DIR = BENCH_DIR / ".build"
+LOADGEN_SRC = BENCH_DIR / "loadgen.c"
+LOADGEN = BUILD_DIR / "loadgen"
+VENV_BIN = REPO / ".venv" / "bin"
+HOST = "127.0.0.1"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+NCPU = os.cpu_count() or 1
+ERR_KEYS = ("err_connect", "err_handshake", "err_io")
+NOISE_WARN_PCT = 20.0  # % of one core used by processes not ours, median over tests
+ANCHOR_ALL = "squid"
+ANCHOR_BY_PROTO: dict[str, str] = {"http": "pproxy-http", "socks5": "pproxy-socks5"}
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------- subjects
+
+
+@dataclass(frozen=True)
+class Proc:
+    """One process of a subject; ready once ``ready_port`` on 127.0.0.1 accepts."""
+
+    name: str
+    argv: list[str]
+    ready_port: int | None
+    env: dict[str, str] | None = None
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What to start (in order) and where the load generator connects."""
+
+    procs: list[Proc]
+    proxy_port: int | None  # None: no proxy (the direct baseline)
+
+
+class Ctx:
+    """Scratch space for building one subject instance: free ports, a private dir."""
+
+    handed_out: ClassVar[set[int]] = set()
+
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+
+    @classmethod
+    def port(cls) -> int:
+        """A free listening port below the ephemeral range.
+
+        Ports from bind(0) come out of the range that outgoing connections use, and the
+        rate test leaves thousands of those in TIME_WAIT; a proxy binding such a port
+        without SO_REUSEADDR would fail.  So pick below it and check it binds.
+        """
+        low = 20000
+        with contextlib.suppress(OSError, ValueError):
+            low = min(
+                low, int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+            )
+        for _ in range(1000):
+            port = random.randrange(low // 2, low)
+            if port in cls.handed_out:
+                continue
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+                try:
+                    s.bind((HOST, port))
+                except OSError:
+                    continue
+            cls.handed_out.add(port)
+            return port
+        raise RuntimeError("no free port found")
+
+    def write(self, name: str, text: str) -> Path:
+        path = self.tmp / name
+        path.write_text(text)
+        return path
+
+    def cert(self) -> tuple[Path, Path]:
+        """A throwaway self-signed certificate for TLS subjects."""
+        crt, key = self.tmp / "cert.pem", self.tmp / "key.pem"
+        if not crt.exists():
+            subprocess.run(
+                [
+                    "openssl",
+                    "req",
+                    "-x509",
+                    "-newkey",
+                    "ec",
+                    "-pkeyopt",
+                    "ec_paramgen_curve:prime256v1",
+                    "-nodes",
+                    "-days",
+                    "2",
+                    "-subj",
+                    "/CN=localhost",
+                    "-keyout",
+                    str(key),
+                    "-out",
+                    str(crt),
+                ],
+                check=True,
+                capture_output=True,
+                timeout=30,
+            )
+            key.chmod(0o644)
+        return crt, key
+
+
+@dataclass(frozen=True)
+class Subject:
+    name: str
+    proto: Proto
+    about: str
+    build: Callable[[Ctx], Plan]
+    tests: frozenset[str] = frozenset({"rate", "bulk", "idle"})
+
+
+def _py(*args: str) -> list[str]:
+    return [str(VENV_BIN / "python"), *args]
+
+
+def _pproxy(*args: str) -> list[str]:
+    """pproxy on uvloop, through the small compatibility shim (see pproxy_uvloop.py)."""
+    return _py(str(BENCH_DIR / "pproxy_uvloop.py"), *args)
+
+
+def _single(name: str, argv: Callable[[int], list[str]]) -> Callable[[Ctx], Plan]:
+    def build(ctx: Ctx) -> Plan:
+        port = ctx.port()
+        return Plan([Proc(name, argv(port), port)], port)
+
+    return build
+
+
+def _squid_conf(ctx: Ctx, port: int) -> Path:
+    t = ctx.tmp
+    return ctx.write(
+        "squid.conf",
+        f"""http_port {HOST}:{port}
+http_access allow all
+cache deny all
+access_log none
+cache_store_log none
+cache_log {t}/squid-cache.log
+pid_filename {t}/squid.pid
+coredump_dir {t}
+max_filedescriptors 16384
+visible_hostname pyegress-bench
+shutdown_lifetime 1 seconds
+icp_port 0
+htcp_port 0
+pinger_enable off
+netdb_filename none
+logfile_rotate 0
+dns_nameservers {HOST}
+""",
+    )
+
+
+def _squid(ctx: Ctx) -> Plan:
+    port = ctx.port()
+    conf = _squid_conf(ctx, port)
+    return Plan([Proc("squid", ["/usr/sbin/squid", "-N", "-f", str(conf)], port)], port)
+
+
+def _tinyproxy(ctx: Ctx) -> Plan:
+    port = ctx.port()
+    # No ConnectPort line: CONNECT to any port is allowed (tinyproxy.conf(5)).
+    conf = ctx.write(
+        "tinyproxy.conf",
+        f"""Port {port}
+Listen {HOST}
+Timeout 600
+MaxClients 8192
+Allow {HOST}
+LogLevel Error
+LogFile "{ctx.tmp}/tinyproxy.log"
+PidFile "{ctx.tmp}/tinyproxy.pid"
+DisableViaHeader Yes
+""",
+    )
+    return Plan([Proc("tinyproxy", ["/usr/bin/tinyproxy", "-d", "-c", str(conf)], port)], port)
+
+
+def _pproxy_tls_chain(ctx: Ctx) -> Plan:
+    """Two tiers: pproxy http (sidecar) -> pproxy http+ssl (DMZ) -> origin."""
+    crt, key = ctx.cert()
+    front, back = ctx.port(), ctx.port()
+    return Plan(
+        [
+            Proc("dmz", _pproxy("-l", f"http+ssl://{HOST}:{back}", "--ssl", f"{crt},{key}"), back),
+            Proc(
+                "sidecar",
+                _pproxy("-l", f"http://{HOST}:{front}", "-r", f"http+ssl://{HOST}:{back}"),
+                front,
+            ),
+        ],
+        front,
+    )
+
+
+def _stunnel_squid(ctx: Ctx) -> Plan:
+    """Two tiers: stunnel client (sidecar) -> TLS -> stunnel server -> squid (DMZ)."""
+    crt, key = ctx.cert()
+    front, tls, sq = ctx.port(), ctx.port(), ctx.port()
+    squid_conf = _squid_conf(ctx, sq)
+    common = f"foreground = yes\npid =\ndebug = 3\noutput = {ctx.tmp}/stunnel.log\n"
+    server = ctx.write(
+        "stunnel-server.conf",
+        common
+        + f"[dmz]\naccept = {HOST}:{tls}\nconnect = {HOST}:{sq}\ncert = {crt}\nkey = {key}\n",
+    )
+    client = ctx.write(
+        "stunnel-client.conf",
+        common + f"[sidecar]\nclient = yes\naccept = {HOST}:{front}\nconnect = {HOST}:{tls}\n"
+        "verifyChain = no\n",
+    )
+    return Plan(
+        [
+            Proc("squid", ["/usr/sbin/squid", "-N", "-f", str(squid_conf)], sq),
+            Proc("stunnel-dmz", ["/usr/bin/stunnel4", str(server)], tls),
+            Proc("stunnel-sidecar", ["/usr/bin/stunnel4", str(client)], front),
+        ],
+        front,
+    )
+
+
+def _pyegress_chain_tls(ctx: Ctx) -> Plan:
+    """Two tiers in gost grammar: sidecar -L http -F http+tls -> DMZ -L http+tls.
+
+    A placeholder until pyegress grows its tier link; adjust the URLs then.
+    """
+    crt, key = ctx.cert()
+    front, back = ctx.port(), ctx.port()
+    return Plan(
+        [
+            Proc(
+                "dmz",
+                _py("-m", "pyegress", "-L", f"http+tls://{HOST}:{back}?cert={crt}&key={key}"),
+                back,
+            ),
+            Proc(
+                "sidecar",
+                _py(
+                    "-m",
+                    "pyegress",
+                    "-L",
+                    f"http://{HOST}:{front}",
+                    "-F",
+                    f"http+tls://{HOST}:{back}",
+                ),
+                front,
+            ),
+        ],
+        front,
+    )
+
+
+SUBJECTS: dict[str, Subject] = {
+    s.name: s
+    for s in [
+        Subject(
+            "direct",
+            "none",
+            "no proxy: loadgen straight to the origin (baseline)",
+            lambda ctx: Plan([], None),
+            frozenset({"rate", "bulk"}),
+        ),
+        Subject(
+            "pyegress-http",
+            "http",
+            "pyegress -L http:// (HTTP CONNECT)",
+            _single("pyegress", lambda p: _py("-m", "pyegress", "-L", f"http://{HOST}:{p}")),
+        ),
+        Subject(
+            "pyegress-socks5",
+            "socks5",
+            "pyegress -L socks5://",
+            _single("pyegress", lambda p: _py("-m", "pyegress", "-L", f"socks5://{HOST}:{p}")),
+        ),
+        Subject("squid", "http", "squid -N, no cache, no access log", _squid),
+        Subject("tinyproxy", "http", "tinyproxy -d, no ConnectPort limit", _tinyproxy),
+        Subject(
+            "pproxy-http",
+            "http",
+            "pproxy -l http:// (uvloop)",
+            _single("pproxy", lambda p: _pproxy("-l", f"http://{HOST}:{p}")),
+        ),
+        Subject(
+            "pproxy-socks5",
+            "socks5",
+            "pproxy -l socks5:// (uvloop)",
+            _single("pproxy", lambda p: _pproxy("-l", f"socks5://{HOST}:{p}")),
+        ),
+        Subject(
+            "microsocks",
+            "socks5",
+            "microsocks (C, thread per connection)",
+            _single("microsocks", lambda p: ["/usr/bin/microsocks", "-i", HOST, "-p", str(p)]),
+        ),
+        # Two-tier subjects: not in the default set, pick them with --subjects.
+        Subject(
+            "pproxy-http-tls-chain",
+            "http",
+            "pproxy http -> pproxy http+ssl (2 processes)",
+            _pproxy_tls_chain,
+        ),
+        Subject(
+            "stunnel-squid",
+            "http",
+            "stunnel client -> TLS -> stunnel server -> squid",
+            _stunnel_squid,
+        ),
+        Subject(
+            "pyegress-chain-tls",
+            "http",
+            "pyegress sidecar -F http+tls -> pyegress DMZ (placeholder grammar)",
+            _pyegress_chain_tls,
+        ),
+    ]
+}
+DEFAULT_SUBJECTS = [
+    "direct",
+    "pyegress-http",
+    "pyegress-socks5",
+    "squid",
+    "tinyproxy",
+    "pproxy-http",
+    "pproxy-socks5",
+    "microsocks",
+]
+
+
+# --------------------------------------------------------------------------- /proc
+
+
+def _proc_stat_fields(pid: int) -> list[str] | None:
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return text.rsplit(")", 1)[1].split()  # fields from "state" (field 3) on
+
+
+def process_tree(roots: Sequence[int]) -> list[int]:
+    """``roots`` and all their living descendants."""
+    kids: dict[int, list[int]] = {}
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            fields = _proc_stat_fields(int(entry.name))
+            if fields is not None:
+                kids.setdefault(int(fields[1]), []).append(int(entry.name))
+    out: list[int] = []
+    stack = list(roots)
+    while stack:
+        pid = stack.pop()
+        if pid in out or _proc_stat_fields(pid) is None:
+            continue
+        out.append(pid)
+        stack.extend(kids.get(pid, []))
+    return out
+
+
+def cpu_seconds(pids: Sequence[int]) -> float:
+    """utime+stime (plus reaped children's) of ``pids``, in seconds."""
+    ticks = 0
+    for pid in pids:
+        f = _proc_stat_fields(pid)
+        if f is not None:
+            ticks += int(f[11]) + int(f[12]) + int(f[13]) + int(f[14])
+    return ticks / CLK_TCK
+
+
+def rss_kib(pids: Sequence[int]) -> int:
+    total = 0
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+    return total
+
+
+def background_load(seconds: float = 1.0) -> float:
+    """CPU busy on the whole machine while we run nothing, % of one core."""
+    b0, t0 = machine_jiffies()
+    time.sleep(seconds)
+    b1, t1 = machine_jiffies()
+    return 100.0 * NCPU * (b1 - b0) / max(1, t1 - t0)
+
+
+def machine_jiffies() -> tuple[int, int]:
+    """(busy, total) jiffies over all CPUs from /proc/stat."""
+    vals = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    total = sum(vals[:8])  # user..steal; guest time is already inside user
+    idle = vals[3] + vals[4]
+    return total - idle, total
+
+
+# --------------------------------------------------------------------------- processes
+
+
+class Interrupted(Exception):
+    pass
+
+
+def _on_sigterm(signum: int, frame: FrameType | None) -> None:
+    raise Interrupted(f"signal {signum}")
+
+
+def _signal(pid: int, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.kill(pid, sig)
+
+
+class Started:
+    """A process we started, with every PID we ever saw in its tree."""
+
+    def __init__(self, name: str, popen: subprocess.Popen[bytes], logfile: Path) -> None:
+        self.name = name
+        self.popen = popen
+        self.logfile = logfile
+        self.seen: set[int] = {popen.pid}
+
+    def pids(self) -> list[int]:
+        if self.popen.poll() is not None:
+            return []
+        tree = process_tree([self.popen.pid])
+        self.seen.update(tree)
+        return tree
+
+    def stop(self, grace: float = 3.0) -> None:
+        if self.popen.poll() is None:
+            self.pids()
+        victims = sorted(self.seen)
+        for pid in victims:
+            _signal(pid, signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.popen.wait(timeout=grace)
+        for pid in victims:
+            if _proc_stat_fields(pid) is not None:
+                _signal(pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.popen.wait(timeout=grace)
+
+    def tail(self, lines: int = 8) -> str:
+        try:
+            text = self.logfile.read_text(errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.strip().splitlines()[-lines:])
+
+
+def wait_port(port: int, proc: Started, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.popen.poll() is not None:
+            return False
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.settimeout(0.5)
+            if s.connect_ex((HOST, port)) == 0:
+                return True
+        time.sleep(0.05)
+    return False
+
+
+@contextlib.contextmanager
+def running(plan: Plan, tmp: Path, timeout: float) -> Iterator[list[Started] | str]:
+    """Start the plan's processes in order; yield them, or a reason they did not start."""
+    started: list[Started] = []
+    try:
+        failure: str | None = None
+        for proc in plan.procs:
+            logfile = tmp / f"{proc.name}.log"
+            with logfile.open("wb") as out:
+                popen = subprocess.Popen(
+                    proc.argv,
+                    stdin=subprocess.DEVNULL,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    cwd=tmp,
+                    env={**os.environ, **(proc.env or {})},
+                    start_new_session=True,
+                )
+            st = Started(proc.name, popen, logfile)
+            started.append(st)
+            if proc.ready_port is not None and not wait_port(proc.ready_port, st, timeout):
+                rc = popen.poll()
+                why = f"exited with {rc}" if rc is not None else f"port not open after {timeout}s"
+                tail = st.tail(4).replace("\n", " | ")
+                failure = f"{proc.name} {why}" + (f": {tail}" if tail else "")
+                break
+        yield failure if failure else started
+    finally:
+        for st in reversed(started):
+            st.stop()
+
+
+# --------------------------------------------------------------------------- load generator
+
+
+def build_loadgen() -> Path:
+    if LOADGEN.exists() and LOADGEN.stat().st_mtime >= LOADGEN_SRC.stat().st_mtime:
+        return LOADGEN
+    BUILD_DIR.mkdir(parents=True, exist_ok=True)
+    log(f"compiling {LOADGEN_SRC.name} -> {LOADGEN}")
+    subprocess.run(
+        ["gcc", "-O2", "-Wall", "-Wextra", "-pthread", "-o", str(LOADGEN), str(LOADGEN_SRC), "-lm"],
+        check=True,
+    )
+    return LOADGEN
+
+
+def _last_json(text: str) -> JSON | None:
+    for line in reversed(text.strip().splitlines()):
+        if line.startswith("{"):
+            try:
+                obj: JSON = json.loads(line)
+            except json.JSONDecodeError:
+                return None
+            return obj
+    return None
+
+
+class Origin:
+    """The loadgen origin process: echo, bulk source and bulk sink."""
+
+    def __init__(self) -> None:
+        self.popen = subprocess.Popen(
+            [str(LOADGEN), "origin", "--echo", "0", "--source", "0", "--sink", "0"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            start_new_session=True,
+        )
+        assert self.popen.stdout is not None
+        ready = json.loads(self.popen.stdout.readline())
+        self.echo: int = ready["echo"]
+        self.source: int = ready["source"]
+        self.sink: int = ready["sink"]
+
+    def cpu(self) -> float:
+        return cpu_seconds([self.popen.pid])
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def stop(self) -> None:
+        if self.popen.stdin:
+            with contextlib.suppress(OSError):
+                self.popen.stdin.close()
+        try:
+            self.popen.wait(timeout=3)
+        except subprocess.TimeoutExpired:
+            _signal(self.popen.pid, signal.SIGKILL)
+            self.popen.wait(timeout=3)
+
+
+# --------------------------------------------------------------------------- tests
+
+
+@dataclass
+class Settings:
+    runs: int = 3
+    rate_seconds: float = 5.0
+    rate_concurrency: int = 32
+    bulk_seconds: float = 4.0
+    bulk_tunnels: tuple[int, ...] = (1, 8)
+    upload: bool = False
+    idle_count: int = 2000
+    idle_settle: float = 1.0
+    warmup_seconds: float = 0.5
+    start_timeout: float = 15.0
+    socks_domain: str | None = None
+
+
+@dataclass
+class Outcome:
+    test: str
+    metrics: dict[str, float] = field(default_factory=dict)
+    raw: JSON = field(default_factory=dict)
+    error: str | None = None
+
+
+def _without_proxy_metrics(res: Outcome) -> Outcome:
+    """The direct baseline has no proxy: drop the proxy CPU figures."""
+    proxy_keys = ("rate_cpu_us", "_cpu_s_per_gb", "_proxy_cpu_pct")
+    res.metrics = {k: v for k, v in res.metrics.items() if not k.endswith(proxy_keys)}
+    return res
+
+
+class Bench:
+    def __init__(self, settings: Settings, origin: Origin) -> None:
+        self.s = settings
+        self.origin = origin
+
+    def _client_args(self, subject: Subject, plan: Plan, target: int) -> list[str]:
+        args = ["--proto", subject.proto, "--target", f"{HOST}:{target}"]
+        if plan.proxy_port is not None:
+            args += ["--proxy", f"{HOST}:{plan.proxy_port}"]
+        if self.s.socks_domain and subject.proto == "socks5":
+            args += ["--socks-domain", self.s.socks_domain]
+        return args
+
+    def _measured(
+        self, procs: list[Started], argv: list[str], timeout: float
+    ) -> tuple[JSON | None, JSON, str]:
+        """Run one loadgen client while sampling CPU of proxy, origin and machine."""
+        pids = [p for st in procs for p in st.pids()]
+        cpu0, org0, (busy0, tot0), t0 = (
+            cpu_seconds(pids),
+            self.origin.cpu(),
+            machine_jiffies(),
+            time.monotonic(),
+        )
+        r = subprocess.run(
+            [str(LOADGEN), *argv], capture_output=True, text=True, timeout=timeout, check=False
+        )
+        pids = [p for st in procs for p in st.pids()]
+        wall = time.monotonic() - t0
+        busy1, tot1 = machine_jiffies()
+        meter = {
+            "proxy_cpu_s": cpu_seconds(pids) - cpu0,
+            "origin_cpu_s": self.origin.cpu() - org0,
+            "wall_s": wall,
+            "machine_busy_pct": 100.0 * NCPU * (busy1 - busy0) / max(1, tot1 - tot0),
+            "exit_code": r.returncode,
+        }
+        return _last_json(r.stdout), meter, r.stderr.strip()
+
+    @staticmethod
+    def _headroom(out: JSON, meter: JSON, seconds: float, prefix: str) -> dict[str, float]:
+        wall = max(meter["wall_s"], 1e-9)
+        ours = {
+            "loadgen": 100.0 * float(out["cpu_s"]) / wall,
+            "origin": 100.0 * float(meter["origin_cpu_s"]) / wall,
+            "proxy": 100.0 * float(meter["proxy_cpu_s"]) / wall,
+        }
+        busy = float(meter["machine_busy_pct"])
+        return {
+            **{f"{prefix}_{k}_cpu_pct": v for k, v in ours.items()},
+            # whatever else ran on the machine meanwhile (noise), by difference
+            f"{prefix}_others_cpu_pct": max(0.0, busy - sum(ours.values())),
+            f"{prefix}_machine_busy_pct": busy,
+        }
+
+    def rate(
+        self,
+        subj: Subject,
+        plan: Plan,
+        procs: list[Started],
+        seconds: float,
+        concurrency: int,
+        name: str = "rate",
+    ) -> Outcome:
+        argv = [
+            "rate",
+            *self._client_args(subj, plan, self.origin.echo),
+            "--concurrency",
+            str(concurrency),
+            "--seconds",
+            str(seconds),
+        ]
+        out, meter, err = self._measured(procs, argv, seconds + 30)
+        res = Outcome(name, raw={"loadgen": out, "meter": meter, "stderr": err})
+        if out is None or not out.get("completed"):
+            counts = ", ".join(f"{k}={out[k]}" for k in ERR_KEYS) if out else err
+            res.error = f"no tunnel completed ({counts})"
+            return res
+        errors = sum(int(out[k]) for k in ERR_KEYS)
+        if errors:
+            res.raw["note"] = f"{errors} failed tunnels"
+        done = int(out["completed"])
+        res.metrics = {
+            "rate_tps": float(out["tunnels_per_s"]),
+            "rate_p50_ms": float(out["p50_ms"]),
+            "rate_p99_ms": float(out["p99_ms"]),
+            "rate_cpu_us": 1e6 * float(meter["proxy_cpu_s"]) / done,
+            "rate_errors": float(errors),
+            **self._headroom(out, meter, seconds, "rate"),
+        }
+        return _without_proxy_metrics(res) if not procs else res
+
+    def bulk(
+        self, subj: Subject, plan: Plan, procs: list[Started], tunnels: int, up: bool
+    ) -> Outcome:
+        name = f"bulk_{'up' if up else 'down'}{tunnels}"
+        target = self.origin.sink if up else self.origin.source
+        argv = [
+            "bulk",
+            *self._client_args(subj, plan, target),
+            "--tunnels",
+            str(tunnels),
+            "--seconds",
+            str(self.s.bulk_seconds),
+            "--dir",
+            "up" if up else "down",
+        ]
+        out, meter, err = self._measured(procs, argv, self.s.bulk_seconds + 60)
+        res = Outcome(name, raw={"loadgen": out, "meter": meter, "stderr": err})
+        if out is None or int(out.get("ok", 0)) != tunnels or int(out.get("stalled", 1)):
+            res.error = f"bulk failed ({err or out})"
+            return res
+        gb = int(out["bytes"]) / 1e9
+        res.metrics = {
+            f"{name}_mbps": float(out["mb_per_s"]),
+            f"{name}_cpu_s_per_gb": float(meter["proxy_cpu_s"]) / gb if gb else float("nan"),
+            **self._headroom(out, meter, self.s.bulk_seconds, name),
+        }
+        return _without_proxy_metrics(res) if not procs else res
+
+    def idle(self, subj: Subject, plan: Plan, procs: list[Started]) -> Outcome:
+        res = Outcome("idle")
+        count = self.s.idle_count
+        time.sleep(self.s.idle_settle)
+        before = rss_kib([p for st in procs for p in st.pids()])
+        argv = [
+            str(LOADGEN),
+            "idle",
+            *self._client_args(subj, plan, self.origin.echo),
+            "--count",
+            str(count),
+            "--concurrency",
+            "64",
+            "--hold",
+            "120",
+            "--setup-timeout",
+            "60",
+        ]
+        p = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        try:
+            assert p.stdout is not None
+            assert p.stdin is not None
+            line = p.stdout.readline()
+            ready: JSON = json.loads(line) if line.startswith("{") else {}
+            time.sleep(self.s.idle_settle)
+            samples = []
+            for _ in range(3):
+                samples.append(rss_kib([q for st in procs for q in st.pids()]))
+                time.sleep(0.2)
+            with_tunnels = int(statistics.median(samples))
+            stdout, _ = p.communicate(timeout=60)  # closes stdin: the tunnels close
+        finally:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        final = _last_json(stdout)
+        ok = int(ready.get("ok", 0))
+        res.raw = {
+            "ready": ready,
+            "loadgen": final,
+            "rss_before_kib": before,
+            "rss_samples_kib": samples,
+        }
+        if ok == 0:
+            res.error = f"no idle tunnel opened ({ready or stdout})"
+            return res
+        if ok < count or (final and int(final.get("dropped", 0))):
+            res.raw["note"] = f"{ok}/{count} tunnels opened, dropped {final and final['dropped']}"
+        res.metrics = {
+            "idle_kib_per_tunnel": (with_tunnels - before) / ok,
+            "idle_rss_mib": with_tunnels / 1024,
+            "idle_setup_p50_ms": float(final["p50_ms"]) if final else float("nan"),
+        }
+        return res
+
+    def instance(self, subj: Subject, tmp: Path) -> JSON:
+        """Start one subject, run all its tests, stop it."""
+        tmp.mkdir(parents=True)
+        tmp.chmod(0o777)  # squid and tinyproxy drop privileges but write logs here
+        record: JSON = {"subject": subj.name, "status": "ok", "outcomes": [], "notes": []}
+        try:
+            plan = subj.build(Ctx(tmp))
+        except Exception as e:  # a missing tool: report and go on
+            record["status"] = f"n/a: could not be set up ({e})"
+            return record
+        with running(plan, tmp, self.s.start_timeout) as procs:
+            if isinstance(procs, str):
+                record["status"] = "n/a: did not start"
+                record["notes"].append(procs)
+                return record
+            if procs:
+                record["rss_start_kib"] = rss_kib([p for st in procs for p in st.pids()])
+            warm = self.rate(subj, plan, procs, self.s.warmup_seconds, 4, "warmup")
+            if warm.error:
+                record["status"] = "n/a: tunnels fail"
+                record["notes"].append(warm.error)
+                record["notes"] += [
+                    f"{st.name} log: {st.tail(3).replace(chr(10), ' | ')}"
+                    for st in procs
+                    if st.tail(3)
+                ]
+                return record
+            outcomes: list[Outcome] = []
+            # Idle first: its RSS baseline is then the warmed-up process, not one still
+            # holding what thousands of short tunnels and bulk buffers left in its heap.
+            if "idle" in subj.tests and procs:
+                outcomes.append(self.idle(subj, plan, procs))
+            if "rate" in subj.tests:
+                outcomes.append(
+                    self.rate(subj, plan, procs, self.s.rate_seconds, self.s.rate_concurrency)
+                )
+            if "bulk" in subj.tests:
+                for up in [False, True] if self.s.upload else [False]:
+                    outcomes += [self.bulk(subj, plan, procs, n, up) for n in self.s.bulk_tunnels]
+            dead = [st.name for st in procs if st.popen.poll() is not None]
+            if dead:
+                record["notes"].append(f"exited during the tests: {', '.join(dead)}")
+        for o in outcomes:
+            record["outcomes"].append(
+                {"test": o.test, "metrics": o.metrics, "raw": o.raw, "error": o.error}
+            )
+            if o.error:
+                record["notes"].append(f"{o.test}: {o.error}")
+            elif o.raw.get("note"):
+                record["notes"].append(f"{o.test}: {o.raw['note']}")
+        if "rss_start_kib" in record:
+            record["metrics_extra"] = {"rss_start_mib": record["rss_start_kib"] / 1024}
+        return record
+
+
+# --------------------------------------------------------------------------- report
+
+
+@dataclass(frozen=True)
+class Metric:
+    key: str
+    title: str
+    unit: str
+    higher_better: bool
+    digits: int
+
+
+def metric_table(settings: JSON) -> list[Metric]:
+    c = settings["rate_concurrency"]
+    out = [
+        Metric("rate_tps", f"Tunnel rate, concurrency {c}", "tunnels/s", True, 0),
+        Metric(
+            "rate_p50_ms", f"Tunnel latency p50 (connect to echo), concurrency {c}", "ms", False, 2
+        ),
+        Metric("rate_p99_ms", f"Tunnel latency p99, concurrency {c}", "ms", False, 2),
+        Metric("rate_cpu_us", "Proxy CPU per tunnel (rate test)", "µs", False, 0),
+    ]
+    dirs = ["down", "up"] if settings["upload"] else ["down"]
+    for d in dirs:
+        for n in settings["bulk_tunnels"]:
+            label = "download" if d == "down" else "upload"
+            out.append(Metric(f"bulk_{d}{n}_mbps", f"Bulk {label}, {n} tunnel(s)", "MB/s", True, 0))
+            out.append(
+                Metric(
+                    f"bulk_{d}{n}_cpu_s_per_gb",
+                    f"Proxy CPU per GB, bulk {label}, {n} tunnel(s)",
+                    "CPU s/GB",
+                    False,
+                    2,
+                )
+            )
+    out += [
+        Metric(
+            "idle_kib_per_tunnel",
+            f"Memory per idle tunnel ({settings['idle_count']} open)",
+            "KiB",
+            False,
+            1,
+        ),
+        Metric("rss_start_mib", "Proxy RSS at start (all processes)", "MiB", False, 1),
+        Metric(
+            "idle_rss_mib", f"Proxy RSS with {settings['idle_count']} idle tunnels", "MiB", False, 1
+        ),
+    ]
+    return out
+
+
+def _fmt(v: float, digits: int) -> str:
+    if v != v:  # NaN
+        return "—"
+    return f"{v:,.{digits}f}"
+
+
+def collect(results: JSON) -> dict[str, dict[str, list[float]]]:
+    """subject -> metric -> values over rounds."""
+    vals: dict[str, dict[str, list[float]]] = {}
+    for rec in results["records"]:
+        per = vals.setdefault(rec["subject"], {})
+        for o in rec["outcomes"]:
+            for k, v in o["metrics"].items():
+                per.setdefault(k, []).append(float(v))
+        for k, v in rec.get("metrics_extra", {}).items():
+            per.setdefault(k, []).append(float(v))
+    return vals
+
+
+def _noise_warning(vals: dict[str, dict[str, list[float]]]) -> list[str]:
+    """A warning line when other processes took a real share of the machine meanwhile."""
+    others = [x for per in vals.values() for k, v in per.items() if k.endswith("_others_cpu_pct")
+              for x in v]  # fmt: skip
+    if not others or statistics.median(others) < NOISE_WARN_PCT:
+        return []
+    return [
+        f"**Warning: other processes used a median {statistics.median(others):.0f}% of one core "
+        "during the tests** (column 'other processes' below): this run is noisy, compare "
+        "with a run on a quiet machine.",
+        "",
+    ]
+
+
+def render_report(results: JSON) -> str:
+    st = results["settings"]
+    subjects: list[str] = results["subjects"]
+    vals = collect(results)
+    status: dict[str, list[str]] = {s: [] for s in subjects}
+    notes: dict[str, list[str]] = {s: [] for s in subjects}
+    for rec in results["records"]:
+        status[rec["subject"]].append(rec["status"])
+        notes[rec["subject"]] += [
+            f"round {rec['round'] + 1}: {' '.join(n.split())}" for n in rec["notes"]
+        ]
+    env = results["env"]
+    lines = [
+        "# pyegress benchmark report",
+        "",
+        f"- date: {results['started']} (took {results['elapsed_s']:.0f} s)",
+        f"- machine: {env['cpu']}, {env['cpus']} CPUs, kernel {env['kernel']}, "
+        f"Python {env['python']}",
+        f"- rounds: {st['runs']} (subjects restarted and interleaved each round); medians shown",
+        f"- rate: {st['rate_seconds']} s at concurrency {st['rate_concurrency']}; bulk: "
+        f"{st['bulk_seconds']} s per case; idle: {st['idle_count']} tunnels",
+        f"- versions: {', '.join(f'{k} {v}' for k, v in env['versions'].items())}",
+        f"- other load on the machine just before the run: "
+        f"{env.get('background_busy_pct', float('nan')):.0f}% of one core "
+        "(see 'other processes' in the CPU table for during the run)",
+        "- ratios are subject median / anchor median (for latency, CPU and memory lower is "
+        "better); `x pproxy` compares with pproxy of the same protocol",
+        "",
+        *_noise_warning(vals),
+        "## Subjects",
+        "",
+        "| subject | protocol | what | status per round |",
+        "| --- | --- | --- | --- |",
+    ]
+    for s in subjects:
+        subj = SUBJECTS.get(s)
+        lines.append(
+            f"| {s} | {subj.proto if subj else '?'} | {subj.about if subj else ''} | "
+            f"{', '.join(status[s]) or '—'} |"
+        )
+
+    def median(s: str, key: str) -> float | None:
+        v = vals.get(s, {}).get(key)
+        return statistics.median(v) if v else None
+
+    for m in metric_table(st):
+        rows = [s for s in subjects if s != "direct" or m.key in vals.get(s, {})]
+        if not any(m.key in vals.get(s, {}) for s in subjects):
+            continue
+        better = "higher is better" if m.higher_better else "lower is better"
+        lines += [
+            "",
+            f"## {m.title} ({m.unit}, {better})",
+            "",
+            f"| subject | median | min-max | n | x {ANCHOR_ALL} | x pproxy |",
+            "| --- | ---: | ---: | ---: | ---: | ---: |",
+        ]
+        for s in rows:
+            v = vals.get(s, {}).get(m.key)
+            if not v:
+                why = next((x for x in status[s] if x.startswith("n/a")), "failed (see notes)")
+                lines.append(f"| {s} | {why} | | 0 | | |")
+                continue
+            med = statistics.median(v)
+            ratios = []
+            subj = SUBJECTS.get(s)
+            for anchor in (ANCHOR_ALL, ANCHOR_BY_PROTO.get(subj.proto if subj else "", "")):
+                a = median(anchor, m.key) if anchor else None
+                ratios.append("—" if s == "direct" or a is None or a == 0 else f"{med / a:.2f}x")
+            lines.append(
+                f"| {s} | {_fmt(med, m.digits)} | {_fmt(min(v), m.digits)}-"
+                f"{_fmt(max(v), m.digits)} | {len(v)} | {ratios[0]} | {ratios[1]} |"
+            )
+
+    # Is the load generator the bottleneck?  CPU use during each test, medians.
+    tests = ["rate"] + [
+        f"bulk_{d}{n}"
+        for d in (["down", "up"] if st["upload"] else ["down"])
+        for n in st["bulk_tunnels"]
+    ]
+    lines += [
+        "",
+        "## CPU use during the tests (medians, % of one core; "
+        f"the machine has {env['cpus']} cores = {100 * env['cpus']}%)",
+        "",
+        "| subject | test | loadgen | origin | proxy | other processes | whole machine |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for s in subjects:
+        for t in tests:
+            cells = [
+                median(s, f"{t}_{k}_cpu_pct") for k in ("loadgen", "origin", "proxy", "others")
+            ]
+            busy = median(s, f"{t}_machine_busy_pct")
+            if all(c is None for c in cells):
+                continue
+            lines.append(
+                f"| {s} | {t} | "
+                + " | ".join("—" if c is None else f"{c:.0f}%" for c in [*cells, busy])
+                + " |"
+            )
+    if any(notes.values()):
+        lines += ["", "## Notes", ""]
+        for s in subjects:
+            lines += [f"- {s}, {n}" for n in notes[s]]
+    return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------- main
+
+
+def _version(argv: list[str]) -> str:
+    try:
+        r = subprocess.run(argv, capture_output=True, text=True, timeout=10, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return "?"
+    text = r.stdout.strip()
+    return text.splitlines()[0] if r.returncode == 0 and text else "?"
+
+
+def environment() -> JSON:
+    cpu = "?"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    dpkg = ["dpkg-query", "-W", "-f", "${Version}"]
+    return {
+        "cpu": cpu,
+        "cpus": os.cpu_count() or 1,
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "versions": {
+            "pyegress": _version(["git", "-C", str(REPO), "describe", "--always", "--dirty"]),
+            "squid": _version([*dpkg, "squid"]),
+            "tinyproxy": _version([*dpkg, "tinyproxy"]),
+            "microsocks": _version([*dpkg, "microsocks"]),
+            **{
+                pkg: _version(
+                    _py("-c", f"import importlib.metadata as m; print(m.version({pkg!r}))")
+                )
+                for pkg in ("pproxy", "uvloop")
+            },
+        },
+    }
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--runs", type=int, default=None, help="rounds; medians over them (default 3)")
+    p.add_argument("--quick", action="store_true", help="short smoke run (~1 minute)")
+    p.add_argument(
+        "--subjects",
+        default=",".join(DEFAULT_SUBJECTS),
+        help=f"comma list from: {', '.join(SUBJECTS)}",
+    )
+    p.add_argument("--out", type=Path, default=BENCH_DIR / "results")
+    p.add_argument("--upload", action="store_true", help="also measure bulk upload")
+    p.add_argument("--idle-count", type=int, default=None)
+    p.add_argument(
+        "--socks-domain",
+        default=None,
+        help="SOCKS5 requests name this domain (e.g. 127.0.0.1) instead of an IPv4",
+    )
+    p.add_argument("--keep-tmp", action="store_true", help="keep configs and proxy logs")
+    p.add_argument(
+        "--report-only",
+        type=Path,
+        default=None,
+        help="re-render report.md from an existing results.json",
+    )
+    return p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.report_only:
+        loaded: JSON = json.loads(args.report_only.read_text())
+        (args.report_only.parent / "report.md").write_text(render_report(loaded))
+        return 0
+    names = [n.strip() for n in args.subjects.split(",") if n.strip()]
+    unknown = [n for n in names if n not in SUBJECTS]
+    if unknown:
+        log(f"unknown subjects: {', '.join(unknown)}; known: {', '.join(SUBJECTS)}")
+        return 2
+    s = Settings()
+    if args.quick:
+        s = Settings(
+            runs=1,
+            rate_seconds=1.0,
+            bulk_seconds=1.0,
+            idle_count=300,
+            idle_settle=0.5,
+            warmup_seconds=0.3,
+        )
+    if args.runs is not None:
+        s.runs = args.runs
+    if args.idle_count is not None:
+        s.idle_count = args.idle_count
+    s.upload = args.upload
+    s.socks_domain = args.socks_domain
+
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    if hard < 2 * s.idle_count + 256:
+        s.idle_count = max(100, (hard - 256) // 2)
+        log(f"RLIMIT_NOFILE hard limit {hard}: idle test lowered to {s.idle_count} tunnels")
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # even if started with it ignored
+    build_loadgen()
+    background = background_load()
+    log(f"background CPU use before the run: {background:.0f}% of one core")
+    subjects = [SUBJECTS[n] for n in names]
+    tmp_root = Path(tempfile.mkdtemp(prefix="pyegress-bench-"))
+    tmp_root.chmod(0o755)
+    started = dt.datetime.now(dt.UTC)
+    t0 = time.monotonic()
+    records: list[JSON] = []
+    origin: Origin | None = None
+    try:
+        origin = Origin()
+        bench = Bench(s, origin)
+        for r in range(s.runs):
+            order = subjects[r % len(subjects) :] + subjects[: r % len(subjects)]
+            for subj in order:
+                if not origin.alive():
+                    raise RuntimeError("the origin process died")
+                log(f"[round {r + 1}/{s.runs}] {subj.name} ...")
+                rec = bench.instance(subj, tmp_root / f"r{r}-{subj.name}")
+                rec["round"] = r
+                records.append(rec)
+                summary = ", ".join(
+                    f"{k}={v:.1f}"
+                    for o in rec["outcomes"]
+                    for k, v in o["metrics"].items()
+                    if not k.endswith("_pct")
+                )
+                log(f"    {rec['status']}: {summary}")
+                for n in rec["notes"]:
+                    log(f"    note: {n}")
+    except (KeyboardInterrupt, Interrupted):
+        log("interrupted: stopping everything; writing what was measured")
+    finally:
+        if origin is not None:
+            origin.stop()
+        if not args.keep_tmp:
+            shutil.rmtree(tmp_root, ignore_errors=True)
+        else:
+            log(f"configs and logs kept in {tmp_root}")
+    results: JSON = {
+        "started": started.strftime("%Y-%m-%d %H:%M:%S UTC"),
+        "elapsed_s": time.monotonic() - t0,
+        "settings": {**s.__dict__, "bulk_tunnels": list(s.bulk_tunnels)},
+        "subjects": names,
+        "env": {**environment(), "background_busy_pct": background},
+        "records": records,
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "results.json").write_text(json.dumps(results, indent=1))
+    (args.out / "report.md").write_text(render_report(results))
+    log(f"wrote {args.out / 'report.md'} and {args.out / 'results.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
