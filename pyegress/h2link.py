@@ -71,6 +71,37 @@ def _lean_data_repr(self: hyperframe.frame.DataFrame) -> str:
 hyperframe.frame.DataFrame._body_repr = _lean_data_repr  # type: ignore[method-assign, assignment]
 
 
+class _GracefulH2Connection(h2.connection.H2Connection):
+    """h2 treats a GOAWAY, sent or received, as the end of the connection: its state
+    machine goes to CLOSED and refuses to send DATA, and receiving one drops the queued
+    outbound bytes. RFC 9113 section 6.8 lets streams up to the last stream id finish, and
+    a drain needs exactly that. This subclass keeps the state machine open across a
+    GOAWAY and keeps the queued bytes (window updates, ACKs); :class:`H2Link` itself
+    refuses new streams once a GOAWAY went either way."""
+
+    def __init__(self, config: h2.config.H2Configuration) -> None:
+        super().__init__(config=config)
+        self.kept_output = b""
+
+    def _receive_goaway_frame(self, frame: Any) -> Any:
+        state = self.state_machine.state
+        self.kept_output += self.data_to_send()
+        result = super()._receive_goaway_frame(frame)
+        self.state_machine.state = state
+        return result
+
+    def send_goaway(self, last_stream_id: int) -> None:
+        state = self.state_machine.state
+        self.close_connection(error_code=0, last_stream_id=last_stream_id)
+        self.state_machine.state = state
+
+    def data_to_send(self, amount: int | None = None) -> bytes:
+        data = super().data_to_send(amount)
+        if self.kept_output:
+            data, self.kept_output = self.kept_output + data, b""
+        return data
+
+
 class H2Stream(BufferedEndpoint):
     """One tunnel: an HTTP/2 stream seen as a byte stream. ``_eof`` is the peer's
     END_STREAM; ``_local_ended`` ours."""
@@ -304,7 +335,7 @@ class H2Link(asyncio.Protocol):
         config = h2.config.H2Configuration(
             client_side=self.client_side, header_encoding="utf-8", validate_inbound_headers=True
         )
-        self.conn = h2.connection.H2Connection(config=config)
+        self.conn = _GracefulH2Connection(config)
         self.streams: dict[int, H2Stream] = {}
         self.transport: asyncio.Transport | None = None
         self.identity: str | None = None
@@ -381,11 +412,12 @@ class H2Link(asyncio.Protocol):
         """Announce that no new streams will be accepted; open ones may finish."""
         if self.transport is None or self.closed:
             return
+        self.goaway = True
         with suppress(h2.exceptions.ProtocolError):
-            self.conn.close_connection(
-                error_code=0, last_stream_id=self.conn.highest_inbound_stream_id
-            )
+            self.conn.send_goaway(self.conn.highest_inbound_stream_id or 0)
         self._flush()
+        if not self.streams:
+            self.transport.close()
 
     def abort(self, reason: str) -> None:
         if self.transport is None or self.closed:
@@ -467,7 +499,13 @@ class H2Link(asyncio.Protocol):
             self._blocked.pop(event.stream_id, None)
             if stream is not None:
                 code = event.error_code
-                stream._on_lost(ConnectionResetError(f"stream reset by peer ({code!r})"))
+                exc: BaseException
+                if code == h2.errors.ErrorCodes.REFUSED_STREAM:
+                    # Not processed by the peer (it is draining): safe to retry elsewhere.
+                    exc = TierLinkLost("stream refused by the peer (REFUSED_STREAM)")
+                else:
+                    exc = ConnectionResetError(f"stream reset by peer ({code!r})")
+                stream._on_lost(exc)
         elif isinstance(event, h2.events.RemoteSettingsChanged):
             if not self.settings_received.done():
                 self.settings_received.set_result(None)

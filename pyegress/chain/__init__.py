@@ -129,6 +129,7 @@ class Chain:
             route.cut = -1
             for member in self.hops[self.cut].members:
                 member.h2 = H2Node(member.node, route.dial)
+                member.h2.on_failure = member.failed
 
     def describe(self) -> list[str]:
         return [hop.node.redacted() for hop in self.hops]

@@ -21,6 +21,7 @@ from pyegress.errors import (
     HopRefused,
     PyegressError,
     TierLinkLost,
+    UpstreamError,
     map_os_error,
 )
 from pyegress.h2link import H2Link, H2Stream, header
@@ -80,6 +81,8 @@ class H2Node:
         self._retry_at = 0.0
         self._last_error: PyegressError | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        # Called when a link of this node dies of a missed PING (marks the member failed).
+        self.on_failure: Callable[[], None] | None = None
 
     def _request_headers(self, target: str | None) -> list[tuple[str, str]]:
         if self.node.transport == "http2":
@@ -115,6 +118,8 @@ class H2Node:
             raise ConnectTimeout(f"h2 node {self.node.address} did not answer the stream") from None
         except PyegressError:
             raise
+        except ConnectionError as exc:
+            raise UpstreamError(f"h2 node {self.node.address} reset the stream: {exc}") from None
         except BaseException:
             stream.abort()
             raise
@@ -237,6 +242,8 @@ class H2Node:
             try:
                 await link.ping(self.ping_timeout)
             except PyegressError:
+                if self.on_failure is not None:
+                    self.on_failure()
                 return
 
     def close(self) -> None:

@@ -55,6 +55,17 @@ class H2ServerLink(H2Link):
             identity=self.identity,
         )
 
+    def connection_lost(self, exc: Exception | None) -> None:
+        reason = self.lost_reason
+        super().connection_lost(exc)
+        if reason is not None and "protocol error" in reason:
+            self.service.log.warning(
+                "link_protocol_error",
+                peer=f"{self.peer_address[0]}:{self.peer_address[1]}",
+                identity=self.identity,
+                reason=reason,
+            )
+
     def respond(self, stream_id: int, status: int, end: bool = False) -> None:
         headers = [(":status", str(status))]
         try:

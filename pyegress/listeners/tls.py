@@ -87,7 +87,12 @@ class TlsServer:
             )
         except (OSError, TimeoutError, ssl.SSLError) as exc:
             reason = getattr(exc, "reason", None) or type(exc).__name__
-            self._log.warning(
+            # A peer that hangs up before its ClientHello (a TCP probe) is not a refusal.
+            quiet = isinstance(exc, ConnectionResetError | ssl.SSLEOFError) or reason in (
+                "UNEXPECTED_EOF_WHILE_READING",
+                "EOF",
+            )
+            (self._log.debug if quiet else self._log.warning)(
                 "tls_handshake_failed",
                 peer=f"{peer[0]}:{peer[1]}" if peer else "",
                 reason=str(reason),
