@@ -73,7 +73,7 @@ def pyegress(tmp_path: Path) -> Iterator[PyegressFactory]:
         ports = [free_port() for _ in range(count)]
         argv = [a.format(*ports) for a in args]
         proc = procs.Pyegress(argv, tmp_path, loop=loop)
-        proc.ports = ports  # type: ignore[attr-defined]
+        proc.ports = ports
         started.append(proc)
         if wait:
             for port in ports:

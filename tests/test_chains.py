@@ -15,7 +15,6 @@ import socket
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -43,27 +42,7 @@ DIAL_FAILURES = {
 
 
 def _port(p: Pyegress, index: int = 0) -> int:
-    return int(p.ports[index])  # type: ignore[attr-defined]
-
-
-def _records(p: Pyegress, count: int, **match: object) -> list[dict[str, Any]]:
-    deadline = time.monotonic() + 10
-    while True:
-        found = [
-            r for r in p.records("tunnel_closed") if all(r.get(k) == v for k, v in match.items())
-        ]
-        if len(found) >= count:
-            return found
-        if time.monotonic() > deadline:
-            raise AssertionError(
-                f"expected {count} tunnel_closed records matching {match}, "
-                f"got {len(found)}:\n{p.output()[-4000:]}"
-            )
-        time.sleep(0.02)
-
-
-def _record(p: Pyegress, **match: object) -> dict[str, Any]:
-    return _records(p, 1, **match)[0]
+    return int(p.ports[index])
 
 
 def _client(run: CurlRun) -> str:
@@ -109,7 +88,7 @@ def _check_through(
     assert tls.only.http_code == 200
     assert len(tls.only.body) == size
     assert hashlib.sha256(tls.only.body).digest() == hashlib.sha256(pattern(size)).digest()
-    record = _record(entry, kind="http-connect", client=_client(tls))
+    record = entry.record(kind="http-connect", client=_client(tls))
     assert record["status"] == 200
     assert record["reason"] == "eof"
     assert record["target"] == f"{host}:{tls_origin.port}"
@@ -120,7 +99,7 @@ def _check_through(
     assert plain.only.http_code == 200
     assert plain.only.body == pattern(MB)
     assert http_origin.requests[-1] == ("GET", f"/bytes/{MB}", f"{host}:{http_origin.port}")
-    record = _record(entry, kind="http-forward", client=_client(plain))
+    record = entry.record(kind="http-forward", client=_client(plain))
     assert record["status"] == 200
     assert record["target"] == f"{host}:{http_origin.port}"
     return tls, plain
@@ -182,7 +161,7 @@ def test_chain_through_a_real_proxy(
     )
     _ok(run, socks_entry)
     assert run.only.body == pattern(12345)
-    assert _record(socks_entry, kind="socks5", client=_client(run))["status"] == 0
+    assert socks_entry.record(kind="socks5", client=_client(run))["status"] == 0
 
     # The hop really is on the path: without it the same request fails to dial.
     hop_proc.stop()
@@ -193,7 +172,7 @@ def test_chain_through_a_real_proxy(
         f"http://127.0.0.1:{_port(entry)}",
     )
     assert run.only.http_code == 503, run.describe()
-    assert _record(entry, kind="http-forward", client=_client(run))["reason"] == "connect_refused"
+    assert entry.record(kind="http-forward", client=_client(run))["reason"] == "connect_refused"
 
 
 @pytest.fixture
@@ -246,7 +225,7 @@ def test_socks5_hop_with_wrong_credentials_is_a_502(
     proxy = f"http://127.0.0.1:{_port(entry)}"
     run = curl(tmp_path, [f"http://127.0.0.1:{http_origin.port}/bytes/10"], "-x", proxy)
     assert run.only.http_code == 502, run.describe()
-    record = _record(entry, kind="http-forward", client=_client(run))
+    record = entry.record(kind="http-forward", client=_client(run))
     assert record["reason"] == "hop_refused"
     assert record["status"] == 502
 
@@ -260,7 +239,7 @@ def test_socks5_hop_with_wrong_credentials_is_a_502(
         str(ca_file),
     )
     assert run.only.http_connect == 502, run.describe()
-    record = _record(entry, kind="http-connect", client=_client(run))
+    record = entry.record(kind="http-connect", client=_client(run))
     assert record["reason"] == "hop_refused"
     assert record["status"] == 502
     assert http_origin.requests == []
@@ -300,7 +279,7 @@ def test_two_third_party_hops(
         f"http://127.0.0.1:{_port(entry)}",
     )
     assert run.only.http_code in (502, 503), run.describe()
-    record = _record(entry, kind="http-forward", client=_client(run))
+    record = entry.record(kind="http-forward", client=_client(run))
     assert record["reason"] == "hop_refused"
     assert record["status"] == run.only.http_code
 
@@ -317,7 +296,7 @@ def test_chain_through_a_second_pyegress_with_credentials(
     entry = pyegress(["-D", "-L", "http://127.0.0.1:{0}", "-F", f"http://u:{HOP_SECRET}@{hop}"])
     _check_through(entry, http_origin, tls_origin, ca_file, tmp_path, more=(exit_,))
     # The exit saw two tunnels, both authenticated as u (the forward went as CONNECT).
-    tunnels = _records(exit_, 2, kind="http-connect", status=200)
+    tunnels = exit_.matching(2, kind="http-connect", status=200)
     assert {r["user"] for r in tunnels} == {"u"}
     assert {r["target"] for r in tunnels} == {
         f"127.0.0.1:{tls_origin.port}",
@@ -333,9 +312,9 @@ def test_chain_through_a_second_pyegress_with_credentials(
         f"http://127.0.0.1:{_port(bare)}",
     )
     assert run.only.http_code == 502, run.describe()
-    record = _record(bare, kind="http-forward", client=_client(run))
+    record = bare.record(kind="http-forward", client=_client(run))
     assert record["reason"] == "hop_refused"
-    assert _records(exit_, 1, reason="auth_failed")[0]["status"] == 407
+    assert exit_.matching(1, reason="auth_failed")[0]["status"] == 407
     for p in (exit_, entry, bare):
         assert HOP_SECRET not in p.output()
 
@@ -366,7 +345,7 @@ def test_a_name_stays_a_name_to_the_last_hop(
     _check_through(entry, http_origin, tls_origin, ca_file, tmp_path, "localhost", (exit_,))
     # The exit, which dials, was asked for the name, not for an address.
     kind, ok = ("socks5", 0) if scheme == "socks5" else ("http-connect", 200)
-    targets = [r["target"] for r in _records(exit_, 2, kind=kind, status=ok)]
+    targets = [r["target"] for r in exit_.matching(2, kind=kind, status=ok)]
     assert targets == [f"localhost:{tls_origin.port}", f"localhost:{http_origin.port}"]
 
     # A SOCKS5 client naming the host (socks5h) on the entry: the name travels too.
@@ -378,10 +357,10 @@ def test_a_name_stays_a_name_to_the_last_hop(
     )
     _ok(run, entry, exit_)
     assert run.only.body == pattern(4321)
-    assert _record(entry, kind="socks5", client=_client(run))["target"] == (
+    assert entry.record(kind="socks5", client=_client(run))["target"] == (
         f"localhost:{http_origin.port}"
     )
-    targets = [r["target"] for r in _records(exit_, 3, kind=kind, status=ok)]
+    targets = [r["target"] for r in exit_.matching(3, kind=kind, status=ok)]
     assert targets[2] == f"localhost:{http_origin.port}"
 
 
@@ -400,21 +379,21 @@ def test_target_refused_direct(pyegress: PyegressFactory, tmp_path: Path) -> Non
 
     run = curl(tmp_path, [f"http://127.0.0.1:{dead}/"], "-x", proxy)
     assert run.only.http_code == 503, run.describe()
-    record = _record(p, kind="http-forward", client=_client(run))
+    record = p.record(kind="http-forward", client=_client(run))
     assert (record["status"], record["reason"]) == (503, "connect_refused")
     assert record["target"] == f"127.0.0.1:{dead}"
 
     run = curl(tmp_path, [f"https://127.0.0.1:{dead}/"], "-p", "-x", proxy)
     assert run.returncode != 0
     assert run.only.http_connect == 503, run.describe()
-    record = _record(p, kind="http-connect", client=_client(run))
+    record = p.record(kind="http-connect", client=_client(run))
     assert (record["status"], record["reason"]) == (503, "connect_refused")
 
     sock, rep = socks5_connect(("127.0.0.1", _port(p, 1)), "localhost", dead)
     client = _sock_client(sock)
     sock.close()
     assert rep == 5
-    record = _record(p, kind="socks5", client=client)
+    record = p.record(kind="socks5", client=client)
     assert (record["status"], record["reason"]) == (5, "connect_refused")
     assert record["target"] == f"localhost:{dead}"
 
@@ -434,13 +413,13 @@ def test_first_hop_down(pyegress: PyegressFactory, http_origin: HttpOrigin, tmp_
     proxy = f"http://127.0.0.1:{_port(p)}"
     run = curl(tmp_path, [f"http://127.0.0.1:{http_origin.port}/"], "-x", proxy)
     assert run.only.http_code in (502, 503), run.describe()
-    record = _record(p, kind="http-forward", client=_client(run))
+    record = p.record(kind="http-forward", client=_client(run))
     assert record["status"] == run.only.http_code
     assert record["reason"] in DIAL_FAILURES
 
     run = curl(tmp_path, [f"https://127.0.0.1:{http_origin.port}/"], "-p", "-x", proxy)
     assert run.only.http_connect in (502, 503), run.describe()
-    record = _record(p, kind="http-connect", client=_client(run))
+    record = p.record(kind="http-connect", client=_client(run))
     assert record["status"] == run.only.http_connect
     assert record["reason"] in DIAL_FAILURES
 
@@ -448,7 +427,7 @@ def test_first_hop_down(pyegress: PyegressFactory, http_origin: HttpOrigin, tmp_
     client = _sock_client(sock)
     sock.close()
     assert rep != 0
-    record = _record(p, kind="socks5", client=client)
+    record = p.record(kind="socks5", client=client)
     assert record["status"] == rep
     assert record["reason"] in DIAL_FAILURES
     assert http_origin.requests == []
@@ -482,7 +461,7 @@ def test_hop_that_never_answers_times_out(
         elapsed = time.monotonic() - started
         assert run.only.http_code in (502, 503, 504), run.describe()
         assert elapsed < 5
-        record = _record(p, kind="http-forward", client=_client(run))
+        record = p.record(kind="http-forward", client=_client(run))
         assert record["reason"] == "connect_timeout"
         assert record["status"] == run.only.http_code
     finally:
@@ -508,14 +487,14 @@ def test_hop_cannot_reach_the_target(
     dead = _dead_port()
     run = curl(tmp_path, [f"https://127.0.0.1:{dead}/"], "-p", "-x", f"http://127.0.0.1:{_port(p)}")
     assert run.only.http_connect in (502, 503), run.describe()
-    record = _record(p, kind="http-connect", client=_client(run))
+    record = p.record(kind="http-connect", client=_client(run))
     assert record["reason"] == "hop_refused"
     assert record["status"] == run.only.http_connect
 
     sock, rep = socks5_connect(("127.0.0.1", _port(p, 1)), "127.0.0.1", dead)
     client = _sock_client(sock)
     sock.close()
-    record = _record(p, kind="socks5", client=client)
+    record = p.record(kind="socks5", client=client)
     assert record["reason"] == "hop_refused"
     assert record["status"] == rep
     if hop == "microsocks":

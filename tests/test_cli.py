@@ -369,7 +369,7 @@ def test_gost_style_equals_is_accepted_in_O() -> None:
 
 def test_gost_style_equals_serves(pyegress: PyegressFactory, tcp_origin: TcpOrigin) -> None:
     proc = pyegress(["-L=http://127.0.0.1:{0}"])
-    port = proc.ports[0]  # type: ignore[attr-defined]
+    port = proc.ports[0]
     sock, head = http_connect(("127.0.0.1", port), f"127.0.0.1:{tcp_origin.port}", timeout=5)
     with sock:
         assert head.startswith(b"HTTP/1.1 200 "), head

@@ -20,7 +20,7 @@ from tests.support.procs import Pyegress
 
 
 def _port(proc: Pyegress, i: int = 0) -> int:
-    port: int = proc.ports[i]  # type: ignore[attr-defined]
+    port: int = proc.ports[i]
     return port
 
 

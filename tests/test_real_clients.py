@@ -16,9 +16,7 @@ import struct
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -36,28 +34,7 @@ MB = 1024 * 1024
 
 
 def _port(p: Pyegress, index: int = 0) -> int:
-    return int(p.ports[index])  # type: ignore[attr-defined]
-
-
-def _records(p: Pyegress, count: int, **match: object) -> list[dict[str, Any]]:
-    """Wait for ``count`` close records matching ``match``; fail with the log if not."""
-    deadline = time.monotonic() + 10
-    while True:
-        found = [
-            r for r in p.records("tunnel_closed") if all(r.get(k) == v for k, v in match.items())
-        ]
-        if len(found) >= count:
-            return found
-        if time.monotonic() > deadline:
-            raise AssertionError(
-                f"expected {count} tunnel_closed records matching {match}, "
-                f"got {len(found)}:\n{p.output()[-4000:]}"
-            )
-        time.sleep(0.02)
-
-
-def _record(p: Pyegress, **match: object) -> dict[str, Any]:
-    return _records(p, 1, **match)[0]
+    return int(p.ports[index])
 
 
 def _ok(run: CurlRun, p: Pyegress | None = None) -> None:
@@ -93,7 +70,7 @@ def test_curl_connect_to_tls_origin_is_byte_exact(
     assert len(t.body) == size
     assert hashlib.sha256(t.body).digest() == hashlib.sha256(pattern(size)).digest()
     assert "HTTP/1.1 200 Connection established" in run.headers
-    record = _record(p, kind="http-connect")
+    record = p.record(kind="http-connect")
     assert record["status"] == 200
     assert record["target"] == f"localhost:{tls_origin.port}"
     assert record["client"] == _client(run)
@@ -120,7 +97,7 @@ def test_curl_absolute_uri_get(
     assert run.only.body == pattern(size)
     # The origin sees origin-form, with the client's Host.
     assert http_origin.requests == [("GET", f"/bytes/{size}", f"127.0.0.1:{http_origin.port}")]
-    record = _record(p, kind="http-forward")
+    record = p.record(kind="http-forward")
     assert record["status"] == 200
     assert record["target"] == f"127.0.0.1:{http_origin.port}"
     assert record["client"] == _client(run)
@@ -148,7 +125,7 @@ def test_curl_chunked_response_then_keep_alive(
     assert second.http_code == 200
     assert second.body == pattern(1000)
     assert [first.num_connects, second.num_connects] == [1, 0]
-    records = _records(p, 2, kind="http-forward")
+    records = p.matching(2, kind="http-forward")
     assert [r["status"] for r in records] == [200, 200]
     assert {r["client"] for r in records} == {_client(run)}
 
@@ -226,7 +203,7 @@ def test_curl_post_body(
     assert get.body == pattern(100)
     assert get.num_connects == 0
     assert [r[:2] for r in http_origin.requests] == [("POST", "/echo"), ("GET", "/bytes/100")]
-    record = _records(p, 2, kind="http-forward")[0]
+    record = p.matching(2, kind="http-forward")[0]
     assert record["status"] == 200
     assert record["bytes_up"] > len(body)
 
@@ -242,7 +219,7 @@ def test_curl_keep_alive_three_urls_one_connection(
     _ok(run, p)
     assert [t.body for t in run.transfers] == [pattern(n) for n in sizes]
     assert [t.num_connects for t in run.transfers] == [1, 0, 0]
-    records = _records(p, 3, kind="http-forward")
+    records = p.matching(3, kind="http-forward")
     assert len(records) == 3
     # One accepted client connection carried all three requests.
     assert {r["client"] for r in records} == {_client(run)}
@@ -270,7 +247,7 @@ def test_curl_keep_alive_routes_each_request_by_its_own_host(
         assert [t.num_connects for t in run.transfers] == [1, 0, 0]
         assert a.requests == [("GET", "/host", f"127.0.0.1:{a.port}")] * 2
         assert b.requests == [("GET", "/host", f"127.0.0.1:{b.port}")]
-        records = _records(p, 3, kind="http-forward")
+        records = p.matching(3, kind="http-forward")
         assert [r["target"] for r in records] == [u.split("/")[2] for u in urls]
         assert {r["client"] for r in records} == {_client(run)}
     finally:
@@ -365,10 +342,10 @@ def test_http_proxy_auth(
     assert run.only.http_connect == 200
     assert run.only.body == pattern(1000)
 
-    refused = _records(p, 4, reason="auth_failed")
+    refused = p.matching(4, reason="auth_failed")
     assert [r["status"] for r in refused] == [407] * 4
-    assert _record(p, kind="http-forward", status=200)["user"] == "user"
-    assert _record(p, kind="http-connect", status=200)["user"] == "user"
+    assert p.record(kind="http-forward", status=200)["user"] == "user"
+    assert p.record(kind="http-connect", status=200)["user"] == "user"
     # The credentials go to nobody: the origin never sees Proxy-Authorization, and the
     # log never sees the password, in any form.
     capture = _HeadCapture()
@@ -438,7 +415,7 @@ def test_curl_socks5_hostname_keeps_the_name(
     assert run.only.http_code == 200
     assert run.only.body == pattern(size)
     # (The factory's readiness probe left a record of its own: match curl's port.)
-    record = _record(p, kind="socks5", client=_client(run))
+    record = p.record(kind="socks5", client=_client(run))
     assert record["target"] == f"localhost:{http_origin.port}"
     assert record["status"] == 0
     assert record["reason"] == "eof"
@@ -453,7 +430,7 @@ def test_curl_socks5_with_ip_target(
     run = curl(tmp_path, [url], "--socks5", f"127.0.0.1:{_port(p)}")
     _ok(run, p)
     assert run.only.body == pattern(100000)
-    record = _record(p, kind="socks5", client=_client(run))
+    record = p.record(kind="socks5", client=_client(run))
     assert record["target"] == f"127.0.0.1:{http_origin.port}"
     assert record["status"] == 0
 
@@ -468,7 +445,7 @@ def test_curl_socks5_user_password(
     run = curl(tmp_path, [url], *proxy, "--proxy-user", f"user:{SECRET}")
     _ok(run, p)
     assert run.only.body == pattern(5000)
-    ok = _record(p, kind="socks5", status=0)
+    ok = p.record(kind="socks5", status=0)
     assert ok["user"] == "user"
     assert ok["target"] == f"localhost:{http_origin.port}"
 
@@ -477,7 +454,7 @@ def test_curl_socks5_user_password(
     assert run.only.body == b""
     run = curl(tmp_path, [url], *proxy)  # offers no user/password method at all
     assert run.returncode != 0, run.describe()
-    assert len(_records(p, 2, reason="auth_failed")) == 2
+    assert len(p.matching(2, reason="auth_failed")) == 2
     assert len(http_origin.requests) == 1
     _assert_no_secret(p, SECRET, WRONG)
 
@@ -490,13 +467,13 @@ def test_curl_socks4a_and_socks4(
     run = curl(tmp_path, [f"http://localhost:{http_origin.port}/bytes/300000"], "--socks4a", proxy)
     _ok(run, p)
     assert run.only.body == pattern(300000)
-    record = _record(p, kind="socks4", target=f"localhost:{http_origin.port}")
+    record = p.record(kind="socks4", target=f"localhost:{http_origin.port}")
     assert record["status"] == 90
     assert record["client"] == _client(run)
     run = curl(tmp_path, [f"http://127.0.0.1:{http_origin.port}/bytes/7"], "--socks4", proxy)
     _ok(run, p)
     assert run.only.body == pattern(7)
-    assert _record(p, kind="socks4", target=f"127.0.0.1:{http_origin.port}")["status"] == 90
+    assert p.record(kind="socks4", target=f"127.0.0.1:{http_origin.port}")["status"] == 90
 
 
 @pytest.mark.parametrize("loop", LOOPS)
@@ -529,7 +506,7 @@ def test_auto_listener_serves_http_socks5_and_socks4a_on_one_port(
         _ok(run, p)
         assert run.only.http_code == 200, kind
         assert run.only.body == pattern(n), kind
-        record = _record(p, kind=kind, client=_client(run))
+        record = p.record(kind=kind, client=_client(run))
         assert record["status"] == {"socks5": 0, "socks4": 90}.get(kind, 200)
         if kind.startswith("socks"):
             assert record["target"] == f"localhost:{http_origin.port}", kind
@@ -549,7 +526,7 @@ def test_tcp_forward_serves_plain_curl(
     assert run.only.http_code == 200
     assert run.only.body == pattern(size)
     assert http_origin.requests == [("GET", f"/bytes/{size}", f"127.0.0.1:{port}")]
-    record = _record(p, kind="tcp", client=_client(run))
+    record = p.record(kind="tcp", client=_client(run))
     assert record["target"] == f"127.0.0.1:{http_origin.port}"
     assert size < record["bytes_down"] < size + 4096
 
@@ -566,7 +543,7 @@ def test_tcp_forward_round_robin(pyegress: PyegressFactory, tmp_path: Path) -> N
         # Four connections in turn: two to each target.
         assert len(a.requests) == 2
         assert len(b.requests) == 2
-        targets = [_record(p, kind="tcp", client=_client(run))["target"] for run in runs]
+        targets = [p.record(kind="tcp", client=_client(run))["target"] for run in runs]
         assert targets[0] != targets[1]
         assert targets[0::2] == [targets[0]] * 2
         assert targets[1::2] == [targets[1]] * 2
@@ -621,7 +598,7 @@ def test_ipv6_listener_and_atyp4_target(
         data = recv_all(sock)
         sock.close()
         assert data == pattern(size)
-        record = _record(p, kind="socks5", target=f"[::1]:{origin.port}")
+        record = p.record(kind="socks5", target=f"[::1]:{origin.port}")
         assert record["status"] == 0
         assert record["client"].startswith("[::1]:")
         assert record["bytes_down"] == size
@@ -637,5 +614,5 @@ def test_ipv6_listener_and_atyp4_target(
     )
     _ok(run, p)
     assert run.only.body == pattern(1000)
-    record = _record(p, kind="socks5", target=f"localhost:{http_origin.port}")
+    record = p.record(kind="socks5", target=f"localhost:{http_origin.port}")
     assert record["client"] == _client(run)

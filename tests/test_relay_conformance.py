@@ -92,19 +92,19 @@ def path(request: pytest.FixtureRequest, pyegress: PyegressFactory, tcp_origin: 
     if name in ("http-uvloop", "http-asyncio"):
         loop = name.split("-")[1]
         p = pyegress(["-L", "http://127.0.0.1:{0}" + idle], loop=loop)
-        return Path(_http_opener(p.ports[0], tcp_origin), [p])  # type: ignore[attr-defined]
+        return Path(_http_opener(p.ports[0], tcp_origin), [p])
     if name == "socks5":
         p = pyegress(["-L", "socks5://127.0.0.1:{0}" + idle])
-        return Path(_socks5_opener(p.ports[0], tcp_origin), [p])  # type: ignore[attr-defined]
+        return Path(_socks5_opener(p.ports[0], tcp_origin), [p])
     if name == "socks4a":
         p = pyegress(["-L", "socks4a://127.0.0.1:{0}" + idle])
-        return Path(_socks4_opener(p.ports[0], tcp_origin), [p])  # type: ignore[attr-defined]
+        return Path(_socks4_opener(p.ports[0], tcp_origin), [p])
     if name == "auto-socks5":
         p = pyegress(["-L", "127.0.0.1:{0}" + idle])
-        return Path(_socks5_opener(p.ports[0], tcp_origin), [p])  # type: ignore[attr-defined]
+        return Path(_socks5_opener(p.ports[0], tcp_origin), [p])
     if name == "tcp-forward":
         p = pyegress(["-L", f"tcp://127.0.0.1:{{0}}/127.0.0.1:{tcp_origin.port}" + idle])
-        port = p.ports[0]  # type: ignore[attr-defined]
+        port = p.ports[0]
         return Path(lambda: socket.create_connection(("127.0.0.1", port), timeout=10), [p])
     if name.startswith(("h2-link", "h2c-link")):
         # The tier link: sidecar -> HTTP/2 stream -> DMZ -> origin.
@@ -117,29 +117,19 @@ def path(request: pytest.FixtureRequest, pyegress: PyegressFactory, tcp_origin: 
                 "-L",
                 "http://127.0.0.1:{0}" + idle,
                 "-F",
-                f"{inner}{link}://127.0.0.1:{dmz.ports[0]}",  # type: ignore[attr-defined]
+                f"{inner}{link}://127.0.0.1:{dmz.ports[0]}",
             ],
             loop=loop,
         )
-        opener = _http_opener(sidecar.ports[0], tcp_origin)  # type: ignore[attr-defined]
+        opener = _http_opener(sidecar.ports[0], tcp_origin)
         return Path(opener, [sidecar, dmz])
     # Chains: the entry pyegress dials the origin through a second pyegress.
     scheme = "http" if name == "chain-http" else "socks5"
     hop = pyegress(["-L", scheme + "://127.0.0.1:{0}" + idle])
     entry = pyegress(
-        ["-L", "http://127.0.0.1:{0}" + idle, "-F", f"{scheme}://127.0.0.1:{hop.ports[0]}"]  # type: ignore[attr-defined]
+        ["-L", "http://127.0.0.1:{0}" + idle, "-F", f"{scheme}://127.0.0.1:{hop.ports[0]}"]
     )
-    return Path(_http_opener(entry.ports[0], tcp_origin), [entry, hop])  # type: ignore[attr-defined]
-
-
-def _close_record(p: Pyegress, **match: object) -> dict[str, object]:
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        for record in p.records("tunnel_closed"):
-            if all(record.get(k) == v for k, v in match.items()):
-                return record
-        time.sleep(0.05)
-    raise AssertionError(f"no tunnel_closed record matching {match}:\n{p.output()[-3000:]}")
+    return Path(_http_opener(entry.ports[0], tcp_origin), [entry, hop])
 
 
 def test_large_download_is_byte_exact(path: Path) -> None:
@@ -150,7 +140,7 @@ def test_large_download_is_byte_exact(path: Path) -> None:
     sock.close()
     assert len(data) == size
     assert hashlib.sha256(data).digest() == hashlib.sha256(pattern(size)).digest()
-    record = _close_record(path.entry, bytes_down=size)
+    record = path.entry.record(bytes_down=size)
     assert record["bytes_up"] == len(f"SOURCE {size}\n")
     assert record["reason"] == "eof"
 
@@ -201,7 +191,7 @@ def test_client_reset_resets_the_origin_side(path: Path, tcp_origin: TcpOrigin) 
         echo_events = [e for e in tcp_origin.events if e[0] == "ECHO"]
         time.sleep(0.02)
     assert echo_events == [("ECHO", "ConnectionResetError")]
-    assert _close_record(path.entry, reason="client_reset")["bytes_up"] == len(b"ECHO\nhello")
+    assert path.entry.record(reason="client_reset")["bytes_up"] == len(b"ECHO\nhello")
 
 
 def test_origin_reset_reaches_the_client_as_a_reset(path: Path) -> None:
@@ -210,7 +200,7 @@ def test_origin_reset_reaches_the_client_as_a_reset(path: Path) -> None:
     with pytest.raises(ConnectionResetError):
         recv_all(sock)
     sock.close()
-    _close_record(path.entry, reason="upstream_reset")
+    path.entry.record(reason="upstream_reset")
 
 
 def _rss_kib(pid: int) -> int:

@@ -56,7 +56,7 @@ SOURCE_SIZE = 64 * 1024 * 1024
 
 
 def _port(p: Pyegress, index: int = 0) -> int:
-    port: int = p.ports[index]  # type: ignore[attr-defined]
+    port: int = p.ports[index]
     return port
 
 
@@ -95,28 +95,6 @@ def _sidecar(
 
 def _tail(*procs: Pyegress) -> str:
     return "".join(f"\n--- {' '.join(p.argv[3:])[:160]}\n{p.output()[-4000:]}" for p in procs)
-
-
-def _records(
-    p: Pyegress, count: int = 1, timeout: float = 10.0, **match: object
-) -> list[dict[str, Any]]:
-    deadline = time.monotonic() + timeout
-    while True:
-        found = [
-            r for r in p.records("tunnel_closed") if all(r.get(k) == v for k, v in match.items())
-        ]
-        if len(found) >= count:
-            return found
-        if time.monotonic() > deadline:
-            raise AssertionError(
-                f"expected {count} tunnel_closed records matching {match}, got {len(found)}:"
-                + _tail(p)
-            )
-        time.sleep(0.02)
-
-
-def _record(p: Pyegress, timeout: float = 10.0, **match: object) -> dict[str, Any]:
-    return _records(p, 1, timeout, **match)[0]
 
 
 # -- clients ----------------------------------------------------------------------------
@@ -223,7 +201,7 @@ def test_dmz_killed_mid_transfer_ends_the_tunnel_and_fails_over(
     assert bytes(received) == pattern(len(received))
     assert len(received) < SOURCE_SIZE // 4
 
-    record = _record(sidecar, target=_target(tcp_origin))
+    record = sidecar.record(target=_target(tcp_origin))
     assert record["reason"] == "tier_link_lost", record
     assert record["status"] == 200
     assert record["bytes_down"] >= len(received)
@@ -232,10 +210,10 @@ def test_dmz_killed_mid_transfer_ends_the_tunnel_and_fails_over(
     sock = _echo_tunnel(sidecar, tcp_origin, dmz_b)
     _round_trip(sock, b"after the kill")
     _finish(sock)
-    on_b = _record(dmz_b, target=_target(tcp_origin))
+    on_b = dmz_b.record(target=_target(tcp_origin))
     assert on_b["bytes_up"] == len(b"ECHO\nhelloafter the kill")
     assert on_b["reason"] == "eof"
-    assert _records(sidecar, 2)[-1]["reason"] == "eof"
+    assert sidecar.matching(2)[-1]["reason"] == "eof"
 
 
 # -- 2. DMZ frozen (SIGSTOP): the PING deadline closes the link --------------------------
@@ -258,7 +236,7 @@ def test_frozen_dmz_is_dropped_by_ping_and_new_tunnels_go_to_b(
             stopped = time.monotonic()
             how, _ = _read_to_end(sock, timeout=16)
             detected = time.monotonic() - stopped
-            record = _record(sidecar, target=_target(tcp_origin))
+            record = sidecar.record(target=_target(tcp_origin))
             # While A is still frozen, new tunnels are served by B.
             started = time.monotonic()
             fresh = _echo_tunnel(sidecar, tcp_origin, dmz_a, dmz_b)
@@ -267,7 +245,7 @@ def test_frozen_dmz_is_dropped_by_ping_and_new_tunnels_go_to_b(
             _finish(fresh)
             again = _echo_tunnel(sidecar, tcp_origin, dmz_a, dmz_b)
             _finish(again)
-            b_records = _records(dmz_b, 2, target=_target(tcp_origin))
+            b_records = dmz_b.matching(2, target=_target(tcp_origin))
     finally:
         sock.close()
     assert how in ("eof", "reset")
@@ -307,7 +285,7 @@ def test_silent_dmz_is_a_503_connect_timeout(
     sock.close()
     assert status == 503, _tail(sidecar)
     assert elapsed < 3, f"503 only after {elapsed:.1f}s"
-    record = _record(sidecar, target=_target(tcp_origin))
+    record = sidecar.record(target=_target(tcp_origin))
     assert record["reason"] == "connect_timeout", record
     assert record["status"] == 503
     assert silent.accepted >= 1
@@ -339,8 +317,8 @@ def test_silent_member_is_skipped_for_the_next_member(
     # The silent member failed once and is skipped for fail_timeout: nobody dials it.
     assert silent.accepted == 1
     assert max(durations) < 1.0, durations
-    assert len(_records(real, 4, target=_target(tcp_origin))) == 4
-    assert [r["status"] for r in _records(sidecar, 4)] == [200] * 4
+    assert len(real.matching(4, target=_target(tcp_origin))) == 4
+    assert [r["status"] for r in sidecar.matching(4)] == [200] * 4
 
 
 # -- 5. Client certificate problems ------------------------------------------------------
@@ -369,7 +347,7 @@ def test_refused_client_certificate(
     sock, status = _open(bad, tcp_origin)
     sock.close()
     assert status == 503, _tail(bad, dmz)
-    record = _record(bad, target=_target(tcp_origin))
+    record = bad.record(target=_target(tcp_origin))
     assert record["reason"] in DIAL_FAILURES, record
     assert record["status"] == 503
 
@@ -392,7 +370,7 @@ def test_refused_client_certificate(
     good = _sidecar(pyegress, tier_certs, [_port(dmz)], "timeout=3")
     sock = _echo_tunnel(good, tcp_origin, dmz)
     _finish(sock)
-    served = _record(dmz, target=_target(tcp_origin))
+    served = dmz.record(target=_target(tcp_origin))
     assert served["identity"] == TierCerts.IDENTITY
     _no_traceback(dmz)
 
@@ -441,7 +419,7 @@ def test_h2_garbage_closes_the_connection_and_the_dmz_serves_on(
     sidecar = _sidecar(pyegress, tier_certs, [_port(dmz)])
     sock = _echo_tunnel(sidecar, tcp_origin, dmz)
     _finish(sock)
-    _record(dmz, target=_target(tcp_origin), reason="eof")
+    dmz.record(target=_target(tcp_origin), reason="eof")
     _no_traceback(dmz)
 
 
@@ -471,7 +449,7 @@ def test_sigterm_drains_open_tunnels_and_new_ones_go_to_b(
         fresh = _echo_tunnel(sidecar, tcp_origin, dmz_a, dmz_b)
         first_new = time.monotonic() - started
         _finish(fresh)
-        _record(dmz_b, target=_target(tcp_origin))
+        dmz_b.record(target=_target(tcp_origin))
         if first_new >= 2:
             problems.append(f"the first tunnel after SIGTERM took {first_new:.1f}s")
 
@@ -506,7 +484,7 @@ def test_sigterm_drains_open_tunnels_and_new_ones_go_to_b(
     if code != 0:
         problems.append(f"DMZ-A exit status {code} ({exited:.1f}s after SIGTERM)")
     assert how in ("eof", "reset")
-    on_a = _record(dmz_a, target=_target(tcp_origin))
+    on_a = dmz_a.record(target=_target(tcp_origin))
     if on_a["reason"] != "drain" or on_a["bytes_up"] != sent:
         problems.append(f"DMZ-A's record {on_a} (expected reason drain, bytes_up {sent})")
     assert not problems, "\n".join(problems) + _tail(sidecar, dmz_a)
@@ -533,7 +511,7 @@ def test_max_streams_makes_the_sidecar_open_more_links(
     finally:
         for sock in socks:
             sock.close()
-    records = _records(dmz, 5, target=_target(tcp_origin))
+    records = dmz.matching(5, target=_target(tcp_origin))
     assert all(r["reason"] == "eof" for r in records), records
     links = {r["client"] for r in records}
     assert len(links) >= 3, f"5 tunnels over {len(links)} link(s) with maxStreams=2: {links}"
@@ -556,7 +534,7 @@ def test_sidecar_reconnects_to_a_restarted_dmz(
     sock, status = _open(sidecar, tcp_origin)
     sock.close()
     assert status == 503
-    down = _records(sidecar, 2)[-1]
+    down = sidecar.matching(2)[-1]
     assert down["reason"] in DIAL_FAILURES, down
 
     again = _dmz(pyegress, tier_certs, port=port)
@@ -577,7 +555,7 @@ def test_sidecar_reconnects_to_a_restarted_dmz(
         _finish(sock)
     finally:
         sock.close()
-    record = _record(again, target=_target(tcp_origin))
+    record = again.record(target=_target(tcp_origin))
     assert record["reason"] == "eof"
     assert record["bytes_up"] == len(b"ECHO\nback again")
 
@@ -610,5 +588,5 @@ def test_refused_stream_is_retried_on_the_next_member(
             _finish(sock)
         finally:
             sock.close()
-    _record(real, target=_target(tcp_origin), reason="eof")
+    real.record(target=_target(tcp_origin), reason="eof")
     _no_traceback(sidecar)

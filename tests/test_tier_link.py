@@ -51,10 +51,10 @@ def _start_tier(
             "-L",
             "socks5://127.0.0.1:{1}",
             "-F",
-            f"{link}://127.0.0.1:{dmz.ports[0]}?{side_params}{sidecar_extra}",  # type: ignore[attr-defined]
+            f"{link}://127.0.0.1:{dmz.ports[0]}?{side_params}{sidecar_extra}",
         ]
     )
-    ports = sidecar.ports  # type: ignore[attr-defined]
+    ports = sidecar.ports
     return Tier(dmz, sidecar, ports[0], ports[1])
 
 
@@ -67,16 +67,6 @@ def _curl(*args: str) -> subprocess.CompletedProcess[bytes]:
     return subprocess.run(
         ["curl", "-sS", "--max-time", "30", *args], capture_output=True, timeout=60
     )
-
-
-def _record(p: Pyegress, **match: object) -> dict[str, object]:
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        for record in p.records("tunnel_closed"):
-            if all(record.get(k) == v for k, v in match.items()):
-                return record
-        time.sleep(0.05)
-    raise AssertionError(f"no tunnel_closed record matching {match}:\n{p.output()[-3000:]}")
 
 
 def test_curl_connect_to_tls_origin_through_both_tiers(
@@ -92,12 +82,12 @@ def test_curl_connect_to_tls_origin_through_both_tiers(
     )
     assert hashlib.sha256(out.stdout).digest() == hashlib.sha256(pattern(size)).digest()
     target = f"localhost:{tls_origin.port}"
-    dmz = _record(tier.dmz, target=target)
+    dmz = tier.dmz.record(target=target)
     assert dmz["identity"] == TierCerts.IDENTITY
     assert dmz["kind"] == "http-connect"
     assert dmz["status"] == 200
     assert int(str(dmz["bytes_down"])) > size
-    side = _record(tier.sidecar, target=target)
+    side = tier.sidecar.record(target=target)
     assert side["kind"] == "http-connect"
     assert side["bytes_down"] == dmz["bytes_down"]
 
@@ -125,8 +115,8 @@ def test_curl_socks5_hostname_keeps_the_name_to_the_dmz(
     assert out.returncode == 0, out.stderr
     assert out.stdout == pattern(size)
     # The name travelled as a name: the DMZ, not the sidecar, resolved it.
-    _record(tier.dmz, target=f"localhost:{http_origin.port}", kind="http-connect")
-    _record(tier.sidecar, target=f"localhost:{http_origin.port}", kind="socks5")
+    tier.dmz.record(target=f"localhost:{http_origin.port}", kind="http-connect")
+    tier.sidecar.record(target=f"localhost:{http_origin.port}", kind="socks5")
 
 
 def test_200_tunnels_share_one_link_and_a_stalled_reader_stalls_nobody(
@@ -204,7 +194,7 @@ def test_sidecar_headers_and_inner_connect_decoded_independently(
     sidecar = pyegress(
         ["-L", "http://127.0.0.1:{0}", "-F", f"h2://127.0.0.1:{port}?{tier_certs.sidecar_params()}"]
     )
-    sock, head = http_connect(("127.0.0.1", sidecar.ports[0]), "example.com:443")  # type: ignore[attr-defined]
+    sock, head = http_connect(("127.0.0.1", sidecar.ports[0]), "example.com:443")
     assert head.startswith(b"HTTP/1.1 200 Connection established\r\n")
     assert recv_exact(sock, 5) == b"hello"
     sock.close()
@@ -228,7 +218,7 @@ def test_independent_h2_client_opens_a_tunnel_like_gost(
     pyegress: PyegressFactory, tier_certs: TierCerts, tcp_origin: TcpOrigin, alpn: list[str] | None
 ) -> None:
     dmz = pyegress(["-L", "h2://127.0.0.1:{0}?" + tier_certs.dmz_params()])
-    port = dmz.ports[0]  # type: ignore[attr-defined]
+    port = dmz.ports[0]
     conn = tls_client(
         "127.0.0.1", port, alpn, cert=str(tier_certs.client_cert), key=str(tier_certs.client_key)
     )
@@ -254,7 +244,7 @@ def test_independent_h2_client_opens_a_tunnel_like_gost(
     h2.send_data(1, b"ECHO\nping-through-gost-style-stream")
     assert h2.read_stream_data(1, 30) == b"ping-through-gost-style-stream"
     conn.close()
-    record = _record(dmz, target=target)
+    record = dmz.record(target=target)
     assert record["identity"] == TierCerts.IDENTITY
 
 
@@ -276,7 +266,7 @@ def test_path_mode_uses_get_on_the_exact_path(
         (plain, "&path=/tun", "405"),
     )
     for dmz, extra, status in cases:
-        port = dmz.ports[0]  # type: ignore[attr-defined]
+        port = dmz.ports[0]
         side = pyegress(
             [
                 "-L",
@@ -285,10 +275,10 @@ def test_path_mode_uses_get_on_the_exact_path(
                 f"h2://127.0.0.1:{port}?{tier_certs.sidecar_params()}{extra}",
             ]
         )
-        sock, head = http_connect(("127.0.0.1", side.ports[0]), f"127.0.0.1:{tcp_origin.port}")  # type: ignore[attr-defined]
+        sock, head = http_connect(("127.0.0.1", side.ports[0]), f"127.0.0.1:{tcp_origin.port}")
         sock.close()
         assert head.startswith(b"HTTP/1.1 502"), head
-        assert str(_record(side, reason="hop_refused")["error"]).endswith(f"answered {status}")
+        assert str(side.record(reason="hop_refused")["error"]).endswith(f"answered {status}")
 
 
 @pytest.mark.parametrize(
@@ -316,10 +306,10 @@ def test_link_forms(
     side_q = "?" + tier_certs.sidecar_params() if tls else ""
     dmz = pyegress(["-L", f"{dmz_scheme}://127.0.0.1:{{0}}{dmz_q}"])
     side = pyegress(
-        ["-L", "http://127.0.0.1:{0}", "-F", f"{side_scheme}://127.0.0.1:{dmz.ports[0]}{side_q}"]  # type: ignore[attr-defined]
+        ["-L", "http://127.0.0.1:{0}", "-F", f"{side_scheme}://127.0.0.1:{dmz.ports[0]}{side_q}"]
     )
     size = 4 * 1024 * 1024
-    sock, head = http_connect(("127.0.0.1", side.ports[0]), f"localhost:{tcp_origin.port}")  # type: ignore[attr-defined]
+    sock, head = http_connect(("127.0.0.1", side.ports[0]), f"localhost:{tcp_origin.port}")
     assert head.startswith(b"HTTP/1.1 200"), head
     sock.sendall(f"SOURCE {size}\n".encode())
     data = bytearray()
@@ -327,7 +317,7 @@ def test_link_forms(
         data += chunk
     sock.close()
     assert bytes(data) == pattern(size)
-    record = _record(dmz, target=f"localhost:{tcp_origin.port}")
+    record = dmz.record(target=f"localhost:{tcp_origin.port}")
     if tls:
         assert record["identity"] == TierCerts.IDENTITY
 
@@ -340,7 +330,7 @@ def test_https_listener_serves_curl_with_an_https_proxy(
     )
     out = _curl(
         "--proxy",
-        f"https://localhost:{proxy.ports[0]}",  # type: ignore[attr-defined]
+        f"https://localhost:{proxy.ports[0]}",
         "--proxy-cacert",
         str(tier_certs.ca),
         f"http://127.0.0.1:{http_origin.port}/bytes/1000",
@@ -361,11 +351,11 @@ def test_earlier_hop_carries_the_link(
             "-F",
             f"http://127.0.0.1:{squid}",
             "-F",
-            f"h2://127.0.0.1:{dmz.ports[0]}?{tier_certs.sidecar_params()}",  # type: ignore[attr-defined]
+            f"h2://127.0.0.1:{dmz.ports[0]}?{tier_certs.sidecar_params()}",
         ]
     )
     for _ in range(3):
-        sock, head = http_connect(("127.0.0.1", side.ports[0]), f"127.0.0.1:{tcp_origin.port}")  # type: ignore[attr-defined]
+        sock, head = http_connect(("127.0.0.1", side.ports[0]), f"127.0.0.1:{tcp_origin.port}")
         assert head.startswith(b"HTTP/1.1 200"), head
         sock.sendall(b"ECHO\nvia-squid")
         assert recv_exact(sock, 9) == b"via-squid"
@@ -418,7 +408,7 @@ def test_auto_handler_forwards_a_raw_client_hello_to_its_sni(
     try:
         proxy = pyegress(["-L", "127.0.0.1:{0}"])
         client_ctx = ssl.create_default_context(cafile=str(ca_file))
-        raw = socket.create_connection(("127.0.0.1", proxy.ports[0]), timeout=10)  # type: ignore[attr-defined]
+        raw = socket.create_connection(("127.0.0.1", proxy.ports[0]), timeout=10)
         with client_ctx.wrap_socket(raw, server_hostname="localhost") as conn:
             conn.sendall(
                 b"GET /bytes/5000 HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
@@ -428,7 +418,7 @@ def test_auto_handler_forwards_a_raw_client_hello_to_its_sni(
                 data += chunk
         assert data.startswith(b"HTTP/1.1 200")
         assert data.endswith(pattern(5000))
-        record = _record(proxy, kind="tls-sni")
+        record = proxy.record(kind="tls-sni")
         assert record["target"] == "localhost:443"
     finally:
         origin.stop()

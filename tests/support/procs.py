@@ -68,6 +68,7 @@ class Pyegress(Process):
     """``python -m pyegress`` with the given arguments."""
 
     def __init__(self, args: Sequence[str], workdir: Path, loop: str = "uvloop") -> None:
+        self.ports: list[int] = []  # the free ports the test fixture chose for it
         env = dict(os.environ)
         env["PYEGRESS_LOOP"] = loop
         env["PYTHONUNBUFFERED"] = "1"
@@ -90,6 +91,32 @@ class Pyegress(Process):
             if event is None or record.get("event") == event:
                 out.append(record)
         return out
+
+    def matching(
+        self,
+        count: int = 1,
+        timeout: float = 10.0,
+        event: str = "tunnel_closed",
+        /,
+        **match: object,
+    ) -> list[dict[str, Any]]:
+        """Wait for ``count`` records of ``event`` whose fields equal ``match``; fail with
+        the log's tail when they do not come."""
+        deadline = time.monotonic() + timeout
+        while True:
+            found = [r for r in self.records(event) if all(r.get(k) == v for k, v in match.items())]
+            if len(found) >= count:
+                return found
+            if time.monotonic() > deadline:
+                raise AssertionError(
+                    f"expected {count} {event} records matching {match}, got {len(found)}:\n"
+                    + self.output()[-4000:]
+                )
+            time.sleep(0.02)
+
+    def record(self, timeout: float = 10.0, /, **match: object) -> dict[str, Any]:
+        """The first close record whose fields equal ``match`` (waiting for it)."""
+        return self.matching(1, timeout, **match)[0]
 
     def wait_records(self, event: str, count: int, timeout: float = 10.0) -> list[dict[str, Any]]:
         deadline = time.monotonic() + timeout
