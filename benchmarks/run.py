@@ -49,7 +49,6 @@ NCPU = os.cpu_count() or 1
 ERR_KEYS = ("err_connect", "err_handshake", "err_io")
 NOISE_WARN_PCT = 20.0  # % of one core used by processes not ours, median over tests
 ANCHOR_ALL = "squid"
-ANCHOR_BY_PROTO: dict[str, str] = {"http": "pproxy-http", "socks5": "pproxy-socks5"}
 
 
 def log(msg: str) -> None:
@@ -67,6 +66,7 @@ class Proc:
     argv: list[str]
     ready_port: int | None
     env: dict[str, str] | None = None
+    tier: str = ""  # "sidecar" or "dmz" in a two-tier subject, for per-tier figures
 
 
 @dataclass(frozen=True)
@@ -116,35 +116,24 @@ class Ctx:
         path.write_text(text)
         return path
 
-    def cert(self) -> tuple[Path, Path]:
-        """A throwaway self-signed certificate for TLS subjects."""
-        crt, key = self.tmp / "cert.pem", self.tmp / "key.pem"
-        if not crt.exists():
-            subprocess.run(
-                [
-                    "openssl",
-                    "req",
-                    "-x509",
-                    "-newkey",
-                    "ec",
-                    "-pkeyopt",
-                    "ec_paramgen_curve:prime256v1",
-                    "-nodes",
-                    "-days",
-                    "2",
-                    "-subj",
-                    "/CN=localhost",
-                    "-keyout",
-                    str(key),
-                    "-out",
-                    str(crt),
-                ],
-                check=True,
-                capture_output=True,
-                timeout=30,
-            )
-            key.chmod(0o644)
-        return crt, key
+    def pki(self) -> Pki:
+        """A throwaway CA with a DMZ server and an app client certificate (ECDSA P-256),
+        made with pyegress's own ``pyegress.pki``; the same for every TLS subject."""
+        from pyegress.pki import CertAuthority
+
+        ca = CertAuthority(self.tmp, "bench CA", days=2)
+        dmz = ca.issue("dmz", dns=("localhost",), ips=(HOST,), days=2)
+        app = ca.issue("app", uris=("spiffe://bench/app",), client=True, days=2)
+        return Pki(ca.path, dmz.cert, dmz.key, app.cert, app.key)
+
+
+@dataclass(frozen=True)
+class Pki:
+    ca: Path
+    dmz_cert: Path
+    dmz_key: Path
+    app_cert: Path
+    app_key: Path
 
 
 @dataclass(frozen=True)
@@ -154,15 +143,17 @@ class Subject:
     about: str
     build: Callable[[Ctx], Plan]
     tests: frozenset[str] = frozenset({"rate", "bulk", "idle"})
+    two_tier: bool = False  # its processes have tier "sidecar" or "dmz"
 
 
 def _py(*args: str) -> list[str]:
     return [str(VENV_BIN / "python"), *args]
 
 
-def _pproxy(*args: str) -> list[str]:
-    """pproxy on uvloop, through the small compatibility shim (see pproxy_uvloop.py)."""
-    return _py(str(BENCH_DIR / "pproxy_uvloop.py"), *args)
+def _pproxy(*args: str, loop: Literal["uvloop", "asyncio"] = "uvloop") -> list[str]:
+    """pproxy on uvloop (or asyncio), through the small shim (see pproxy_uvloop.py)."""
+    shim = str(BENCH_DIR / "pproxy_uvloop.py")
+    return _py(shim, *args) if loop == "uvloop" else _py(shim, "--asyncio", *args)
 
 
 def _single(name: str, argv: Callable[[int], list[str]]) -> Callable[[Ctx], Plan]:
@@ -224,16 +215,22 @@ DisableViaHeader Yes
 
 
 def _pproxy_tls_chain(ctx: Ctx) -> Plan:
-    """Two tiers: pproxy http (sidecar) -> pproxy http+ssl (DMZ) -> origin."""
-    crt, key = ctx.cert()
+    """Two tiers: pproxy http (sidecar) -> http+ssl -> pproxy http+ssl (DMZ) -> origin.
+
+    One TLS connection per tunnel.  pproxy's ``ssl`` client verifies nothing and cannot
+    present a client certificate, so this link is server-authenticated only, unverified.
+    """
+    pki = ctx.pki()
     front, back = ctx.port(), ctx.port()
+    ssl = f"{pki.dmz_cert},{pki.dmz_key}"
     return Plan(
         [
-            Proc("dmz", _pproxy("-l", f"http+ssl://{HOST}:{back}", "--ssl", f"{crt},{key}"), back),
+            Proc("dmz", _pproxy("-l", f"http+ssl://{HOST}:{back}", "--ssl", ssl), back, tier="dmz"),
             Proc(
                 "sidecar",
                 _pproxy("-l", f"http://{HOST}:{front}", "-r", f"http+ssl://{HOST}:{back}"),
                 front,
+                tier="sidecar",
             ),
         ],
         front,
@@ -241,60 +238,71 @@ def _pproxy_tls_chain(ctx: Ctx) -> Plan:
 
 
 def _stunnel_squid(ctx: Ctx) -> Plan:
-    """Two tiers: stunnel client (sidecar) -> TLS -> stunnel server -> squid (DMZ)."""
-    crt, key = ctx.cert()
+    """Two tiers: stunnel client (sidecar) -> mutual TLS -> stunnel server -> squid (DMZ).
+
+    The client accepts plain TCP and opens one TLS connection per tunnel; both ends verify
+    the other's certificate against the bench CA, as pyegress's h2 link does.  stunnel
+    logs to stderr (the process log) at level 3 (errors).
+    """
+    pki = ctx.pki()
     front, tls, sq = ctx.port(), ctx.port(), ctx.port()
     squid_conf = _squid_conf(ctx, sq)
-    common = f"foreground = yes\npid =\ndebug = 3\noutput = {ctx.tmp}/stunnel.log\n"
+    common = "foreground = yes\npid =\ndebug = 3\n"
     server = ctx.write(
         "stunnel-server.conf",
-        common
-        + f"[dmz]\naccept = {HOST}:{tls}\nconnect = {HOST}:{sq}\ncert = {crt}\nkey = {key}\n",
+        common + f"[dmz]\naccept = {HOST}:{tls}\nconnect = {HOST}:{sq}\n"
+        f"cert = {pki.dmz_cert}\nkey = {pki.dmz_key}\n"
+        f"CAfile = {pki.ca}\nverifyChain = yes\nrequireCert = yes\n",
     )
     client = ctx.write(
         "stunnel-client.conf",
         common + f"[sidecar]\nclient = yes\naccept = {HOST}:{front}\nconnect = {HOST}:{tls}\n"
-        "verifyChain = no\n",
+        f"cert = {pki.app_cert}\nkey = {pki.app_key}\n"
+        f"CAfile = {pki.ca}\nverifyChain = yes\ncheckHost = localhost\n",
     )
     return Plan(
         [
-            Proc("squid", ["/usr/sbin/squid", "-N", "-f", str(squid_conf)], sq),
-            Proc("stunnel-dmz", ["/usr/bin/stunnel4", str(server)], tls),
-            Proc("stunnel-sidecar", ["/usr/bin/stunnel4", str(client)], front),
+            Proc("squid", ["/usr/sbin/squid", "-N", "-f", str(squid_conf)], sq, tier="dmz"),
+            Proc("stunnel-dmz", ["/usr/bin/stunnel4", str(server)], tls, tier="dmz"),
+            Proc("stunnel-sidecar", ["/usr/bin/stunnel4", str(client)], front, tier="sidecar"),
         ],
         front,
     )
 
 
-def _pyegress_chain_tls(ctx: Ctx) -> Plan:
-    """Two tiers in gost grammar: sidecar -L http -F http+tls -> DMZ -L http+tls.
+def _pyegress_h2(tls: bool) -> Callable[[Ctx], Plan]:
+    """Two tiers of pyegress over its tier link, gost grammar: sidecar ``-L http://
+    -F h2://`` (one shared HTTP/2 connection, a stream per tunnel) -> DMZ ``-L h2://``.
 
-    A placeholder until pyegress grows its tier link; adjust the URLs then.
+    With ``tls`` the link is mutual TLS (the DMZ requires a client certificate signed by
+    the bench CA, the sidecar verifies the DMZ's as ``localhost``); without, ``h2c``.
     """
-    crt, key = ctx.cert()
-    front, back = ctx.port(), ctx.port()
-    return Plan(
-        [
-            Proc(
-                "dmz",
-                _py("-m", "pyegress", "-L", f"http+tls://{HOST}:{back}?cert={crt}&key={key}"),
-                back,
-            ),
-            Proc(
-                "sidecar",
-                _py(
-                    "-m",
-                    "pyegress",
-                    "-L",
-                    f"http://{HOST}:{front}",
-                    "-F",
-                    f"http+tls://{HOST}:{back}",
+
+    def build(ctx: Ctx) -> Plan:
+        front, back = ctx.port(), ctx.port()
+        if tls:
+            pki = ctx.pki()
+            listen = f"h2://{HOST}:{back}?cert={pki.dmz_cert}&key={pki.dmz_key}&ca={pki.ca}"
+            hop = (
+                f"h2://{HOST}:{back}?cert={pki.app_cert}&key={pki.app_key}&ca={pki.ca}"
+                "&serverName=localhost"
+            )
+        else:
+            listen = hop = f"h2c://{HOST}:{back}"
+        return Plan(
+            [
+                Proc("dmz", _py("-m", "pyegress", "-L", listen), back, tier="dmz"),
+                Proc(
+                    "sidecar",
+                    _py("-m", "pyegress", "-L", f"http://{HOST}:{front}", "-F", hop),
+                    front,
+                    tier="sidecar",
                 ),
-                front,
-            ),
-        ],
-        front,
-    )
+            ],
+            front,
+        )
+
+    return build
 
 
 SUBJECTS: dict[str, Subject] = {
@@ -328,6 +336,12 @@ SUBJECTS: dict[str, Subject] = {
             _single("pproxy", lambda p: _pproxy("-l", f"http://{HOST}:{p}")),
         ),
         Subject(
+            "pproxy-http-asyncio",
+            "http",
+            "pproxy -l http:// on the standard asyncio loop (no uvloop)",
+            _single("pproxy", lambda p: _pproxy("-l", f"http://{HOST}:{p}", loop="asyncio")),
+        ),
+        Subject(
             "pproxy-socks5",
             "socks5",
             "pproxy -l socks5:// (uvloop)",
@@ -339,37 +353,81 @@ SUBJECTS: dict[str, Subject] = {
             "microsocks (C, thread per connection)",
             _single("microsocks", lambda p: ["/usr/bin/microsocks", "-i", HOST, "-p", str(p)]),
         ),
-        # Two-tier subjects: not in the default set, pick them with --subjects.
+        # Two-tier subjects (sidecar -> DMZ): the --set tier comparison.
         Subject(
-            "pproxy-http-tls-chain",
+            "pyegress-h2",
             "http",
-            "pproxy http -> pproxy http+ssl (2 processes)",
-            _pproxy_tls_chain,
+            "pyegress sidecar -F h2:// (mutual TLS, one HTTP/2 connection) -> pyegress DMZ",
+            _pyegress_h2(tls=True),
+            two_tier=True,
+        ),
+        Subject(
+            "pyegress-h2c",
+            "http",
+            "pyegress sidecar -F h2c:// (HTTP/2 without TLS) -> pyegress DMZ; reference",
+            _pyegress_h2(tls=False),
+            two_tier=True,
         ),
         Subject(
             "stunnel-squid",
             "http",
-            "stunnel client -> TLS -> stunnel server -> squid",
+            "stunnel client -> mutual TLS per tunnel -> stunnel server -> squid",
             _stunnel_squid,
+            two_tier=True,
         ),
         Subject(
-            "pyegress-chain-tls",
+            "pproxy-http-tls-chain",
             "http",
-            "pyegress sidecar -F http+tls -> pyegress DMZ (placeholder grammar)",
-            _pyegress_chain_tls,
+            "pproxy http -> TLS per tunnel (unverified) -> pproxy http+ssl (uvloop)",
+            _pproxy_tls_chain,
+            two_tier=True,
         ),
     ]
 }
-DEFAULT_SUBJECTS = [
-    "direct",
-    "pyegress-http",
-    "pyegress-socks5",
-    "squid",
-    "tinyproxy",
-    "pproxy-http",
-    "pproxy-socks5",
-    "microsocks",
-]
+
+
+@dataclass(frozen=True)
+class SubjectSet:
+    """A named list of subjects and the anchors its report gives ratios against.
+
+    An anchor is a subject name; ``{proto}`` in it stands for the protocol of the subject
+    in the row (so ``pproxy-{proto}`` is pproxy-http for HTTP subjects).
+    """
+
+    name: str
+    subjects: list[str]
+    anchors: list[str]
+    about: str
+
+
+SETS: dict[str, SubjectSet] = {
+    s.name: s
+    for s in [
+        SubjectSet(
+            "single",
+            [
+                "direct",
+                "pyegress-http",
+                "pyegress-socks5",
+                "squid",
+                "tinyproxy",
+                "pproxy-http",
+                "pproxy-http-asyncio",
+                "pproxy-socks5",
+                "microsocks",
+            ],
+            [ANCHOR_ALL, "pproxy-{proto}"],
+            "one proxy process (or one squid) between client and origin (the default)",
+        ),
+        SubjectSet(
+            "tier",
+            ["pyegress-h2", "stunnel-squid", "pproxy-http-tls-chain"],
+            ["stunnel-squid", "pproxy-http-tls-chain"],
+            "two tiers, sidecar -> encrypted link -> DMZ -> origin",
+        ),
+    ]
+}
+DEFAULT_SET = "single"
 
 
 # --------------------------------------------------------------------------- /proc
@@ -422,6 +480,11 @@ def rss_kib(pids: Sequence[int]) -> int:
     return total
 
 
+def rss_by_proc(procs: Sequence[Started]) -> dict[str, int]:
+    """VmRSS (KiB) of each started process, its children included, by process name."""
+    return {st.name: rss_kib(st.pids()) for st in procs}
+
+
 def background_load(seconds: float = 1.0) -> float:
     """CPU busy on the whole machine while we run nothing, % of one core."""
     b0, t0 = machine_jiffies()
@@ -457,10 +520,13 @@ def _signal(pid: int, sig: int) -> None:
 class Started:
     """A process we started, with every PID we ever saw in its tree."""
 
-    def __init__(self, name: str, popen: subprocess.Popen[bytes], logfile: Path) -> None:
+    def __init__(
+        self, name: str, popen: subprocess.Popen[bytes], logfile: Path, tier: str = ""
+    ) -> None:
         self.name = name
         self.popen = popen
         self.logfile = logfile
+        self.tier = tier
         self.seen: set[int] = {popen.pid}
 
     def pids(self) -> list[int]:
@@ -523,7 +589,7 @@ def running(plan: Plan, tmp: Path, timeout: float) -> Iterator[list[Started] | s
                     env={**os.environ, **(proc.env or {})},
                     start_new_session=True,
                 )
-            st = Started(proc.name, popen, logfile)
+            st = Started(proc.name, popen, logfile, proc.tier)
             started.append(st)
             if proc.ready_port is not None and not wait_port(proc.ready_port, st, timeout):
                 rc = popen.poll()
@@ -646,21 +712,18 @@ class Bench:
         self, procs: list[Started], argv: list[str], timeout: float
     ) -> tuple[JSON | None, JSON, str]:
         """Run one loadgen client while sampling CPU of proxy, origin and machine."""
-        pids = [p for st in procs for p in st.pids()]
-        cpu0, org0, (busy0, tot0), t0 = (
-            cpu_seconds(pids),
-            self.origin.cpu(),
-            machine_jiffies(),
-            time.monotonic(),
-        )
+        per0 = {st.name: cpu_seconds(st.pids()) for st in procs}
+        org0, (busy0, tot0), t0 = self.origin.cpu(), machine_jiffies(), time.monotonic()
         r = subprocess.run(
             [str(LOADGEN), *argv], capture_output=True, text=True, timeout=timeout, check=False
         )
-        pids = [p for st in procs for p in st.pids()]
+        # A process that exited meanwhile counts 0 from here on (its CPU is lost).
+        per = {st.name: max(0.0, cpu_seconds(st.pids()) - per0[st.name]) for st in procs}
         wall = time.monotonic() - t0
         busy1, tot1 = machine_jiffies()
         meter = {
-            "proxy_cpu_s": cpu_seconds(pids) - cpu0,
+            "proxy_cpu_s": sum(per.values()),
+            "proc_cpu_s": per,
             "origin_cpu_s": self.origin.cpu() - org0,
             "wall_s": wall,
             "machine_busy_pct": 100.0 * NCPU * (busy1 - busy0) / max(1, tot1 - tot0),
@@ -677,8 +740,11 @@ class Bench:
             "proxy": 100.0 * float(meter["proxy_cpu_s"]) / wall,
         }
         busy = float(meter["machine_busy_pct"])
+        per_proc = meter.get("proc_cpu_s", {})
         return {
             **{f"{prefix}_{k}_cpu_pct": v for k, v in ours.items()},
+            # each process of the subject (tells which tier is the bottleneck)
+            **{f"{prefix}_proc:{n}_cpu_pct": 100.0 * float(c) / wall for n, c in per_proc.items()},
             # whatever else ran on the machine meanwhile (noise), by difference
             f"{prefix}_others_cpu_pct": max(0.0, busy - sum(ours.values())),
             f"{prefix}_machine_busy_pct": busy,
@@ -753,7 +819,7 @@ class Bench:
         res = Outcome("idle")
         count = self.s.idle_count
         time.sleep(self.s.idle_settle)
-        before = rss_kib([p for st in procs for p in st.pids()])
+        before = rss_by_proc(procs)
         argv = [
             str(LOADGEN),
             "idle",
@@ -774,11 +840,10 @@ class Bench:
             line = p.stdout.readline()
             ready: JSON = json.loads(line) if line.startswith("{") else {}
             time.sleep(self.s.idle_settle)
-            samples = []
+            samples: list[dict[str, int]] = []
             for _ in range(3):
-                samples.append(rss_kib([q for st in procs for q in st.pids()]))
+                samples.append(rss_by_proc(procs))
                 time.sleep(0.2)
-            with_tunnels = int(statistics.median(samples))
             stdout, _ = p.communicate(timeout=60)  # closes stdin: the tunnels close
         finally:
             if p.poll() is None:
@@ -792,16 +857,24 @@ class Bench:
             "rss_before_kib": before,
             "rss_samples_kib": samples,
         }
+        # Median of the samples, per process; then sums over all and over each tier.
+        during = {n: int(statistics.median(x[n] for x in samples)) for n in before}
+        tier_of = {st.name: st.tier for st in procs}
+        groups: dict[str, list[str]] = {"": list(before)}
+        for n, t in tier_of.items():
+            if t:
+                groups.setdefault(t, []).append(n)
         if ok == 0:
             res.error = f"no idle tunnel opened ({ready or stdout})"
             return res
         if ok < count or (final and int(final.get("dropped", 0))):
             res.raw["note"] = f"{ok}/{count} tunnels opened, dropped {final and final['dropped']}"
-        res.metrics = {
-            "idle_kib_per_tunnel": (with_tunnels - before) / ok,
-            "idle_rss_mib": with_tunnels / 1024,
-            "idle_setup_p50_ms": float(final["p50_ms"]) if final else float("nan"),
-        }
+        res.metrics = {"idle_setup_p50_ms": float(final["p50_ms"]) if final else float("nan")}
+        for tier, names in groups.items():
+            sfx = f"_{tier}" if tier else ""
+            b, d = sum(before[n] for n in names), sum(during[n] for n in names)
+            res.metrics[f"idle{sfx}_kib_per_tunnel"] = (d - b) / ok
+            res.metrics[f"idle_rss{sfx}_mib"] = d / 1024
         return res
 
     def instance(self, subj: Subject, tmp: Path) -> JSON:
@@ -820,7 +893,13 @@ class Bench:
                 record["notes"].append(procs)
                 return record
             if procs:
-                record["rss_start_kib"] = rss_kib([p for st in procs for p in st.pids()])
+                start = rss_by_proc(procs)
+                record["rss_start_kib"] = sum(start.values())
+                record["rss_start_by_proc_kib"] = start
+                for t in sorted({st.tier for st in procs if st.tier}):
+                    record[f"rss_start_{t}_kib"] = sum(
+                        start[st.name] for st in procs if st.tier == t
+                    )
             warm = self.rate(subj, plan, procs, self.s.warmup_seconds, 4, "warmup")
             if warm.error:
                 record["status"] = "n/a: tunnels fail"
@@ -855,7 +934,11 @@ class Bench:
             elif o.raw.get("note"):
                 record["notes"].append(f"{o.test}: {o.raw['note']}")
         if "rss_start_kib" in record:
-            record["metrics_extra"] = {"rss_start_mib": record["rss_start_kib"] / 1024}
+            record["metrics_extra"] = {
+                f"rss_start{sfx}_mib": record[f"rss_start{sfx}_kib"] / 1024
+                for sfx in ("", "_sidecar", "_dmz")
+                if f"rss_start{sfx}_kib" in record
+            }
         return record
 
 
@@ -869,6 +952,7 @@ class Metric:
     unit: str
     higher_better: bool
     digits: int
+    two_tier_only: bool = False
 
 
 def metric_table(settings: JSON) -> list[Metric]:
@@ -902,6 +986,22 @@ def metric_table(settings: JSON) -> list[Metric]:
             "KiB",
             False,
             1,
+        ),
+        Metric(
+            "idle_sidecar_kib_per_tunnel",
+            f"Memory per idle tunnel at the sidecar tier ({settings['idle_count']} open)",
+            "KiB",
+            False,
+            1,
+            two_tier_only=True,
+        ),
+        Metric(
+            "idle_dmz_kib_per_tunnel",
+            f"Memory per idle tunnel at the DMZ tier ({settings['idle_count']} open)",
+            "KiB",
+            False,
+            1,
+            two_tier_only=True,
         ),
         Metric("rss_start_mib", "Proxy RSS at start (all processes)", "MiB", False, 1),
         Metric(
@@ -944,9 +1044,35 @@ def _noise_warning(vals: dict[str, dict[str, list[float]]]) -> list[str]:
     ]
 
 
+def _anchor(spec: str, subject: str) -> str:
+    """The anchor subject for a row: ``{proto}`` in the spec becomes the row's protocol."""
+    subj = SUBJECTS.get(subject)
+    return spec.format(proto=subj.proto if subj else "?")
+
+
+def _anchor_label(spec: str) -> str:
+    return spec.replace("-{proto}", "").replace("{proto}", "")
+
+
+def _summary_columns(st: JSON) -> list[tuple[str, str, int, bool]]:
+    """(metric key, column header, digits, higher is better) of the summary tables."""
+    bulk: list[int] = list(st["bulk_tunnels"])
+    return [
+        ("rate_tps", "tunnels/s", 0, True),
+        ("rate_p50_ms", "p50 ms", 2, False),
+        ("rate_p99_ms", "p99 ms", 2, False),
+        ("rate_cpu_us", "CPU µs/tunnel", 0, False),
+        *[(f"bulk_down{n}_mbps", f"MB/s, {n} tunnel{'s' * (n > 1)}", 0, True) for n in bulk],
+        (f"bulk_down{bulk[-1]}_cpu_s_per_gb", f"CPU s/GB, {bulk[-1]} tunnels", 2, False),
+        ("idle_kib_per_tunnel", "KiB/idle tunnel", 1, False),
+        ("rss_start_mib", "RSS at start, MiB", 1, False),
+    ]
+
+
 def render_report(results: JSON) -> str:
     st = results["settings"]
     subjects: list[str] = results["subjects"]
+    anchors: list[str] = results.get("anchors") or SETS[DEFAULT_SET].anchors
     vals = collect(results)
     status: dict[str, list[str]] = {s: [] for s in subjects}
     notes: dict[str, list[str]] = {s: [] for s in subjects}
@@ -956,12 +1082,14 @@ def render_report(results: JSON) -> str:
             f"round {rec['round'] + 1}: {' '.join(n.split())}" for n in rec["notes"]
         ]
     env = results["env"]
+    anchor_text = ", ".join(f"`{a}`" for a in anchors).replace("{proto}", "<protocol>")
     lines = [
         "# pyegress benchmark report",
         "",
         f"- date: {results['started']} (took {results['elapsed_s']:.0f} s)",
         f"- machine: {env['cpu']}, {env['cpus']} CPUs, kernel {env['kernel']}, "
         f"Python {env['python']}",
+        f"- subject set: {results.get('set') or 'custom'}; ratio anchors: {anchor_text}",
         f"- rounds: {st['runs']} (subjects restarted and interleaved each round); medians shown",
         f"- rate: {st['rate_seconds']} s at concurrency {st['rate_concurrency']}; bulk: "
         f"{st['bulk_seconds']} s per case; idle: {st['idle_count']} tunnels",
@@ -969,8 +1097,7 @@ def render_report(results: JSON) -> str:
         f"- other load on the machine just before the run: "
         f"{env.get('background_busy_pct', float('nan')):.0f}% of one core "
         "(see 'other processes' in the CPU table for during the run)",
-        "- ratios are subject median / anchor median (for latency, CPU and memory lower is "
-        "better); `x pproxy` compares with pproxy of the same protocol",
+        "- ratios are subject median / anchor median (for latency, CPU and memory lower is better)",
         "",
         *_noise_warning(vals),
         "## Subjects",
@@ -989,33 +1116,101 @@ def render_report(results: JSON) -> str:
         v = vals.get(s, {}).get(key)
         return statistics.median(v) if v else None
 
+    def cell(s: str, key: str, digits: int) -> str:
+        v = median(s, key)
+        return "—" if v is None else _fmt(v, digits)
+
+    def ratio(s: str, key: str, spec: str) -> str:
+        med, a = median(s, key), median(_anchor(spec, s), key)
+        return "—" if s == "direct" or med is None or a is None or a == 0 else f"{med / a:.2f}x"
+
+    def two_tier(s: str) -> bool:
+        subj = SUBJECTS.get(s)
+        return bool(subj and subj.two_tier)
+
+    # Summary: the headline figures side by side, then the same as ratios per anchor.
+    cols = [c for c in _summary_columns(st) if any(c[0] in vals.get(s, {}) for s in subjects)]
+    head = "| subject | " + " | ".join(c[1] for c in cols) + " |"
+    rule = "| --- |" + " ---: |" * len(cols)
+    lines += [
+        "",
+        "## Summary (medians)",
+        "",
+        f"Latency: per tunnel of the rate test (connect, handshake, 1-byte echo) at "
+        f"concurrency {st['rate_concurrency']}. MB/s: bulk download. "
+        f"Memory: {st['idle_count']} idle tunnels, all processes of the subject.",
+        "",
+        head,
+        rule,
+    ]
+    for s in subjects:
+        lines.append(f"| {s} | " + " | ".join(cell(s, k, d) for k, _, d, _ in cols) + " |")
+    for spec in anchors:
+        if not any(_anchor(spec, s) in subjects for s in subjects):
+            continue
+        label = _anchor_label(spec)
+        lines += [
+            "",
+            f"## Ratios to {label} (subject median / {label} median)",
+            "",
+            "Higher is better for tunnels/s and MB/s; lower is better for the rest.",
+            "",
+            head,
+            rule,
+        ]
+        for s in subjects:
+            if s == "direct":
+                continue
+            lines.append(f"| {s} | " + " | ".join(ratio(s, k, spec) for k, *_ in cols) + " |")
+
+    # Per tier: where the memory of a two-tier subject sits.
+    tiered = [s for s in subjects if two_tier(s)]
+    if tiered:
+        tcols = [
+            ("idle_sidecar_kib_per_tunnel", "sidecar KiB/idle tunnel", 1),
+            ("idle_dmz_kib_per_tunnel", "DMZ KiB/idle tunnel", 1),
+            ("idle_kib_per_tunnel", "both KiB/idle tunnel", 1),
+            ("rss_start_sidecar_mib", "sidecar RSS at start, MiB", 1),
+            ("rss_start_dmz_mib", "DMZ RSS at start, MiB", 1),
+            ("idle_rss_sidecar_mib", f"sidecar RSS, {st['idle_count']} idle, MiB", 1),
+            ("idle_rss_dmz_mib", f"DMZ RSS, {st['idle_count']} idle, MiB", 1),
+        ]
+        lines += [
+            "",
+            "## Two-tier subjects: memory per tier (medians)",
+            "",
+            "| subject | " + " | ".join(c[1] for c in tcols) + " |",
+            "| --- |" + " ---: |" * len(tcols),
+        ]
+        for s in tiered:
+            lines.append(f"| {s} | " + " | ".join(cell(s, k, d) for k, _, d in tcols) + " |")
+
+    labels = [_anchor_label(a) for a in anchors]
     for m in metric_table(st):
         rows = [s for s in subjects if s != "direct" or m.key in vals.get(s, {})]
-        if not any(m.key in vals.get(s, {}) for s in subjects):
+        if m.two_tier_only:
+            rows = [s for s in rows if two_tier(s)]
+        if not any(m.key in vals.get(s, {}) for s in rows):
             continue
         better = "higher is better" if m.higher_better else "lower is better"
         lines += [
             "",
             f"## {m.title} ({m.unit}, {better})",
             "",
-            f"| subject | median | min-max | n | x {ANCHOR_ALL} | x pproxy |",
-            "| --- | ---: | ---: | ---: | ---: | ---: |",
+            "| subject | median | min-max | n | " + " | ".join(f"x {x}" for x in labels) + " |",
+            "| --- | ---: | ---: | ---: |" + " ---: |" * len(labels),
         ]
         for s in rows:
             v = vals.get(s, {}).get(m.key)
             if not v:
                 why = next((x for x in status[s] if x.startswith("n/a")), "failed (see notes)")
-                lines.append(f"| {s} | {why} | | 0 | | |")
+                lines.append(f"| {s} | {why} | | 0 |" + " |" * len(labels))
                 continue
-            med = statistics.median(v)
-            ratios = []
-            subj = SUBJECTS.get(s)
-            for anchor in (ANCHOR_ALL, ANCHOR_BY_PROTO.get(subj.proto if subj else "", "")):
-                a = median(anchor, m.key) if anchor else None
-                ratios.append("—" if s == "direct" or a is None or a == 0 else f"{med / a:.2f}x")
             lines.append(
-                f"| {s} | {_fmt(med, m.digits)} | {_fmt(min(v), m.digits)}-"
-                f"{_fmt(max(v), m.digits)} | {len(v)} | {ratios[0]} | {ratios[1]} |"
+                f"| {s} | {_fmt(statistics.median(v), m.digits)} | {_fmt(min(v), m.digits)}-"
+                f"{_fmt(max(v), m.digits)} | {len(v)} | "
+                + " | ".join(ratio(s, m.key, a) for a in anchors)
+                + " |"
             )
 
     # Is the load generator the bottleneck?  CPU use during each test, medians.
@@ -1024,13 +1219,25 @@ def render_report(results: JSON) -> str:
         for d in (["down", "up"] if st["upload"] else ["down"])
         for n in st["bulk_tunnels"]
     ]
+    multi = any(
+        len({k for k in vals.get(s, {}) if k.startswith("rate_proc:")}) > 1 for s in subjects
+    )
     lines += [
         "",
         "## CPU use during the tests (medians, % of one core; "
         f"the machine has {env['cpus']} cores = {100 * env['cpus']}%)",
         "",
-        "| subject | test | loadgen | origin | proxy | other processes | whole machine |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    if multi:
+        lines += [
+            "'proxy' is the sum over the subject's processes; 'by process' splits it (a "
+            "single-threaded process near 100% is saturated).",
+            "",
+        ]
+    lines += [
+        "| subject | test | loadgen | origin | proxy | other processes | whole machine |"
+        + (" proxy by process |" if multi else ""),
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: |" + (" --- |" if multi else ""),
     ]
     for s in subjects:
         for t in tests:
@@ -1040,11 +1247,19 @@ def render_report(results: JSON) -> str:
             busy = median(s, f"{t}_machine_busy_pct")
             if all(c is None for c in cells):
                 continue
-            lines.append(
+            row = (
                 f"| {s} | {t} | "
                 + " | ".join("—" if c is None else f"{c:.0f}%" for c in [*cells, busy])
                 + " |"
             )
+            if multi:
+                prefix = f"{t}_proc:"
+                procs = sorted(k for k in vals.get(s, {}) if k.startswith(prefix))
+                by = [
+                    f"{k[len(prefix) : -len('_cpu_pct')]} {median(s, k) or 0:.0f}%" for k in procs
+                ]
+                row += f" {', '.join(by) if len(by) > 1 else ''} |"
+            lines.append(row)
     if any(notes.values()):
         lines += ["", "## Notes", ""]
         for s in subjects:
@@ -1097,9 +1312,19 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--runs", type=int, default=None, help="rounds; medians over them (default 3)")
     p.add_argument("--quick", action="store_true", help="short smoke run (~1 minute)")
     p.add_argument(
+        "--set",
+        dest="subject_set",
+        choices=sorted(SETS),
+        default=None,
+        help="a named subject set with its ratio anchors: "
+        + "; ".join(f"{k} = {', '.join(v.subjects)}" for k, v in SETS.items())
+        + f" (default {DEFAULT_SET})",
+    )
+    p.add_argument(
         "--subjects",
-        default=",".join(DEFAULT_SUBJECTS),
-        help=f"comma list from: {', '.join(SUBJECTS)}",
+        default=None,
+        help="comma list, in this order, instead of the set's subjects (the set's anchors "
+        f"stay); from: {', '.join(SUBJECTS)}",
     )
     p.add_argument("--out", type=Path, default=BENCH_DIR / "results")
     p.add_argument("--upload", action="store_true", help="also measure bulk upload")
@@ -1125,7 +1350,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         loaded: JSON = json.loads(args.report_only.read_text())
         (args.report_only.parent / "report.md").write_text(render_report(loaded))
         return 0
-    names = [n.strip() for n in args.subjects.split(",") if n.strip()]
+    chosen = SETS[args.subject_set or DEFAULT_SET]
+    names = (
+        [n.strip() for n in args.subjects.split(",") if n.strip()]
+        if args.subjects
+        else chosen.subjects
+    )
     unknown = [n for n in names if n not in SUBJECTS]
     if unknown:
         log(f"unknown subjects: {', '.join(unknown)}; known: {', '.join(SUBJECTS)}")
@@ -1199,6 +1429,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "elapsed_s": time.monotonic() - t0,
         "settings": {**s.__dict__, "bulk_tunnels": list(s.bulk_tunnels)},
         "subjects": names,
+        "set": chosen.name if not args.subjects else (args.subject_set or None),
+        "anchors": chosen.anchors,
         "env": {**environment(), "background_busy_pct": background},
         "records": records,
     }
