@@ -1147,7 +1147,7 @@ def render_report(results: JSON) -> str:
         lines.append(f"| {s} | " + " | ".join(cell(s, k, d) for k, _, d, _ in cols) + " |")
     for spec in anchors:
         if not any(_anchor(spec, s) in subjects for s in subjects):
-            continue
+            continue  # the anchor was not in this run
         label = _anchor_label(spec)
         lines += [
             "",
@@ -1185,6 +1185,8 @@ def render_report(results: JSON) -> str:
         for s in tiered:
             lines.append(f"| {s} | " + " | ".join(cell(s, k, d) for k, _, d in tcols) + " |")
 
+    # Anchor columns of the per-figure tables: those with their anchor in this run.
+    anchors = [a for a in anchors if any(_anchor(a, s) in subjects for s in subjects)]
     labels = [_anchor_label(a) for a in anchors]
     for m in metric_table(st):
         rows = [s for s in subjects if s != "direct" or m.key in vals.get(s, {})]
