@@ -42,6 +42,7 @@ _IMPLEMENTED = {
     "max_fails",
     "fail_timeout",
     "max_streams",
+    "dns_timeout",
 }
 
 
@@ -57,6 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "-F", dest="forward", action="append", default=[], metavar="URL",
         help="chain node (hop), in order, e.g. http://proxy:3128 or socks5://u:p@host:1080",
+    )  # fmt: skip
+    parser.add_argument(
+        "-C", dest="config", metavar="POLICY.yaml",
+        help="the DMZ's policy (allowlist) file; see docs/policy.md",
     )  # fmt: skip
     parser.add_argument("-D", dest="debug", action="count", default=0, help="debug logging")
     parser.add_argument("-V", dest="version", action="store_true", help="print version, exit")
@@ -112,6 +117,11 @@ def _run(coro: Coroutine[Any, Any, None]) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["policy"]:
+        from pyegress.policy.cli import main as policy_main
+
+        return policy_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.version:
@@ -132,7 +142,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         logmod.configure(debug=args.debug > 0)
         log = logmod.get_logger()
         _warn_params(listen, forward, log)
-        engine = Engine(listen, forward, log, drain_timeout=args.drain_timeout)
+        policy = None
+        if args.config:
+            from pyegress.policy.loader import load_policy
+
+            policy = load_policy(args.config)
+            log.info("policy_loaded", file=args.config, policy_version=policy.version)
+        engine = Engine(listen, forward, log, drain_timeout=args.drain_timeout, policy=policy)
         _run(engine.run())
     except ConfigError as exc:
         print(f"pyegress: error: {exc}", file=sys.stderr)

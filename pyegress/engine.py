@@ -10,6 +10,7 @@ open its record (:meth:`Service.tunnel`), dial (:meth:`Service.dial`) and relay
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import signal
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -17,12 +18,15 @@ from contextlib import asynccontextmanager, suppress
 from typing import Any
 
 from pyegress import __version__
-from pyegress.chain import Chain
+from pyegress.chain import Chain, direct
 from pyegress.config.nodes import Node
 from pyegress.endpoint import Endpoint, TcpEndpoint
 from pyegress.errors import ConfigError, PyegressError
 from pyegress.h2link import H2Link
 from pyegress.observe.log import Logger
+from pyegress.policy.enforce import judge, policy_fallback
+from pyegress.policy.resolve import Address
+from pyegress.policy.rules import Policy
 from pyegress.protocols.addresses import split_host_port
 from pyegress.relay import Relay
 from pyegress.tls import server_context
@@ -76,6 +80,7 @@ class Service:
         self.idle_timeout = node.duration("idle_timeout", DEFAULT_IDLE_TIMEOUT)
         self.dial_timeout = node.duration("timeout", 10.0)
         self.retries = max(1, node.integer("retries", 1))
+        self.dns_timeout = node.duration("dns_timeout", 5.0)
         self.proxy_agent = node.param("proxy_agent") or f"pyegress/{__version__}"
         self.realm = node.param("realm") or "pyegress"
         self.user = node.user
@@ -187,6 +192,9 @@ class Service:
         t = Tunnel(
             service=self.name, kind=kind, client=client.peer_address, identity=client.identity
         )
+        policy = self.engine.policy
+        if policy is not None:
+            t.policy_version = policy.version
         self.engine.tunnels.add(t)
         try:
             yield t
@@ -203,14 +211,47 @@ class Service:
             raise
         finally:
             self.engine.tunnels.discard(t)
+            if policy is not None and not t.decision_logged:
+                # Ended before any verdict (malformed, timed out, auth): still one
+                # decision record, a refusal with the reason it ended.
+                self._log_decision(t, policy_fallback(t))
             self.log.info("tunnel_closed", **t.close_record())
+
+    def _log_decision(self, t: Tunnel, fields: dict[str, Any]) -> None:
+        t.decision_logged = True
+        decision = fields.get("decision", {})
+        t.decision = str(decision.get("action", ""))
+        t.decision_reason = str(decision.get("reason", ""))
+        self.log.info("decision", **t.decision_record(fields))
 
     async def dial(self, t: Tunnel, host: str, port: int) -> Endpoint:
         t.host, t.port = host, port
+        policy = self.engine.policy
+        via_chain = True
+        if policy is not None:
+            record: dict[str, Any] = {}
+            try:
+                route = await judge(
+                    policy,
+                    record,
+                    t.identity,
+                    host,
+                    port,
+                    dns_timeout=self.dns_timeout,
+                    self_endpoints=self.engine.self_endpoints(),
+                    have_proxy=bool(self.chain.hops),
+                )
+            finally:
+                if "decision" in record:
+                    self._log_decision(t, record)
+            host, port, via_chain = route.host, route.port, route.via_proxy
+            t.dialed = f"{host}:{port}"
         last: PyegressError | None = None
         for _ in range(self.retries):
             try:
-                return await self.chain.dial(host, port, self.dial_timeout)
+                if via_chain:
+                    return await self.chain.dial(host, port, self.dial_timeout, t.conn_id)
+                return await direct.dial(host, port, self.dial_timeout)
             except PyegressError as exc:
                 last = exc
         assert last is not None
@@ -234,6 +275,7 @@ class Engine:
         forward: Sequence[Node],
         log: Logger,
         drain_timeout: float = DEFAULT_DRAIN_TIMEOUT,
+        policy: Policy | None = None,
     ) -> None:
         if not listen:
             raise ConfigError("nothing to serve: give at least one -L")
@@ -247,7 +289,16 @@ class Engine:
         self.tasks: set[asyncio.Task[None]] = set()
         self.links: set[H2Link] = set()
         self.stopping = False
+        self.policy = policy
         self._stop: asyncio.Event | None = None
+
+    def self_endpoints(self) -> list[tuple[Address, int]]:
+        """Our own listening (address, port) pairs: a tunnel may never dial them."""
+        out: list[tuple[Address, int]] = []
+        for service in self.services:
+            for host, port in service.bound_addresses:
+                out.append((ipaddress.ip_address(host.split("%", 1)[0]), port))
+        return out
 
     def spawn(self, coro: Awaitable[None]) -> None:
         task: asyncio.Task[None] = asyncio.ensure_future(coro)

@@ -15,6 +15,8 @@ from typing import Any
 from pyegress.protocols.addresses import join_host_port
 from pyegress.relay import Relay
 
+AUDIT_SCHEMA = "pyegress.audit/v1"
+
 
 def new_conn_id() -> str:
     return secrets.token_hex(8)
@@ -37,6 +39,25 @@ class Tunnel:
     bytes_up: int = 0
     bytes_down: int = 0
     relay: Relay | None = None
+    policy_version: str | None = None
+    decision_logged: bool = False
+    decision: str | None = None
+    decision_reason: str | None = None
+    dialed: str | None = None
+
+    def decision_record(self, fields: dict[str, Any]) -> dict[str, Any]:
+        """The audit ``decision`` event (schema pyegress.audit/v1)."""
+        record: dict[str, Any] = {
+            "schema": AUDIT_SCHEMA,
+            "conn_id": self.conn_id,
+            "service": self.service,
+            "kind": self.kind,
+            "client": join_host_port(*self.client) if self.client[0] else "",
+            "identity": self.identity,
+            "requested": {"host": _cap(self.host, 253), "port": self.port},
+        }
+        record.update(fields)
+        return record
 
     @property
     def target(self) -> str:
@@ -61,5 +82,18 @@ class Tunnel:
         if self.status is not None:
             record["status"] = self.status
         if self.error is not None:
-            record["error"] = self.error
+            record["error"] = _cap(self.error, 512)
+        if self.policy_version is not None:
+            record["schema"] = AUDIT_SCHEMA
+            record["policy_version"] = self.policy_version
+            record["decision"] = self.decision
+            if self.decision_reason:
+                record["decision_reason"] = self.decision_reason
+            if self.dialed:
+                record["dialed"] = self.dialed
         return record
+
+
+def _cap(text: str, limit: int) -> str:
+    """Attacker-controlled text, capped; JSON encoding escapes control characters."""
+    return text if len(text) <= limit else text[:limit] + "..."

@@ -24,7 +24,7 @@ from pyegress.endpoint import Endpoint, TcpEndpoint
 from pyegress.errors import ConfigError, PyegressError, UpstreamError
 from pyegress.tls import ClientTLS, client_context
 
-Connector = Callable[[Endpoint, Node, str, int, float], Awaitable[None]]
+Connector = Callable[[Endpoint, Node, str, int, float, str | None], Awaitable[None]]
 
 _CONNECTORS: dict[str, Connector] = {
     "http": http.connect,
@@ -149,7 +149,9 @@ class Chain:
             return nxt.host, nxt.port
         return host, port
 
-    async def dial(self, host: str, port: int, timeout: float) -> Endpoint:
+    async def dial(
+        self, host: str, port: int, timeout: float, conn_id: str | None = None
+    ) -> Endpoint:
         """A connected endpoint whose bytes reach ``host:port`` through every hop."""
         if not self.hops:
             return await direct.dial(host, port, timeout)
@@ -165,7 +167,7 @@ class Chain:
                 if hop.node.transport == "tls" and index > first:
                     await _start_tls(endpoint, hop.members[0], hop.timeout)
                 next_host, next_port = self._next_address(index, host, port)
-                await hop.connector(endpoint, hop.node, next_host, next_port, hop.timeout)
+                await hop.connector(endpoint, hop.node, next_host, next_port, hop.timeout, conn_id)
         except BaseException:
             endpoint.abort()
             raise

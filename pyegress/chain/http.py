@@ -12,6 +12,7 @@ from pyegress.protocols.addresses import join_host_port
 from pyegress.protocols.http1 import basic_credentials, parse_response_head, render_request_head
 
 USER_AGENT = f"pyegress/{__version__}"
+CONN_ID_HEADER = "Pyegress-Conn-Id"
 
 
 def _refusal(status: int, reason: str, hop: str) -> HopRefused:
@@ -23,7 +24,14 @@ def _refusal(status: int, reason: str, hop: str) -> HopRefused:
     return HopRefused(f"hop {hop} answered {status} {reason}", http_status=code, socks5_reply=1)
 
 
-async def connect(endpoint: Endpoint, node: Node, host: str, port: int, timeout: float) -> None:
+async def connect(
+    endpoint: Endpoint,
+    node: Node,
+    host: str,
+    port: int,
+    timeout: float,
+    conn_id: str | None = None,
+) -> None:
     """Send ``CONNECT host:port`` over ``endpoint`` and wait for the hop's 200.
 
     Bytes the hop sends after its response head stay buffered in the endpoint, so an
@@ -34,6 +42,9 @@ async def connect(endpoint: Endpoint, node: Node, host: str, port: int, timeout:
     if node.user is not None:
         headers.append(("Proxy-Authorization", basic_credentials(node.user, node.password or "")))
     headers.append(("Proxy-Connection", "keep-alive"))
+    if conn_id is not None:
+        # Joins this tier's records with the next tier's (a pyegress DMZ reads it).
+        headers.append((CONN_ID_HEADER, conn_id))
     endpoint.write(render_request_head("CONNECT", target, headers))
 
     def truncated(_: bytes) -> RemoteProtocolError:

@@ -30,7 +30,14 @@ _REPLY_TEXT = {
 }
 
 
-async def connect(endpoint: Endpoint, node: Node, host: str, port: int, timeout: float) -> None:
+async def connect(
+    endpoint: Endpoint,
+    node: Node,
+    host: str,
+    port: int,
+    timeout: float,
+    conn_id: str | None = None,
+) -> None:
     def truncated(_: bytes) -> RemoteProtocolError:
         return RemoteProtocolError(f"SOCKS5 hop {node.address} closed during the handshake")
 

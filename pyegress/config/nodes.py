@@ -117,6 +117,8 @@ _PARAM_ALIASES = {
     "sniffing": "sniffing",
     "tproxy": "tproxy",
     "maxstreams": "max_streams",
+    "dnstimeout": "dns_timeout",
+    "dns_timeout": "dns_timeout",
     "max_streams": "max_streams",
 }
 _V3_PREFIXES = ("service.", "handler.", "listener.", "node.", "connector.", "dialer.", "hop.")

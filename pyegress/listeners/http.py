@@ -14,7 +14,9 @@ response turns the connection into a raw relay.
 from __future__ import annotations
 
 import asyncio
+import re
 
+from pyegress.chain.http import CONN_ID_HEADER
 from pyegress.endpoint import Endpoint, read_message
 from pyegress.engine import Service
 from pyegress.errors import (
@@ -42,6 +44,8 @@ from pyegress.protocols.http1 import (
     without_headers,
 )
 from pyegress.tunnel import Tunnel
+
+_CONN_ID = re.compile(r"[0-9a-f]{16,32}")
 
 
 class _ClientGoneError(PyegressError):
@@ -114,6 +118,9 @@ async def handle_request(client: Endpoint, service: Service, head: RequestHead) 
     """Serve one request; True when the client connection may carry another."""
     kind = "http-connect" if head.method == "CONNECT" else "http-forward"
     async with service.tunnel(client, kind) as t:
+        conn_id = head.get(CONN_ID_HEADER)
+        if conn_id is not None and _CONN_ID.fullmatch(conn_id):
+            t.conn_id = conn_id  # minted by the sidecar: joins both tiers' records
         try:
             t.user = _authenticate(service, head)
             if head.method == "CONNECT":
@@ -150,7 +157,7 @@ async def _forward(client: Endpoint, service: Service, head: RequestHead, t: Tun
     # Count only this request's bytes, not the hops' own handshakes.
     sent_before, received_before = upstream.bytes_out, upstream.bytes_in
     try:
-        headers = strip_hop_by_hop(head.headers)
+        headers = without_headers(strip_hop_by_hop(head.headers), (CONN_ID_HEADER,))
         if head.get("Host") is None:
             headers.insert(0, ("Host", t.target if uri.port != 80 else uri.host))
         headers.append(("Connection", "close"))

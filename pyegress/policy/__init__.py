@@ -1,0 +1,1 @@
+"""Destination address policy: the special-purpose address table and IP literal parsing."""

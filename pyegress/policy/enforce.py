@@ -1,0 +1,137 @@
+"""The DMZ's judgement of one tunnel: policy decision, resolution with pinning, and the
+decision record.
+
+:func:`judge` runs before anything is dialed. It returns where to dial (a pinned IP for a
+direct route; the requested name for a route through the corporate proxy, which
+resolves it) or raises :class:`Denied` with the reason code. Either way the tunnel's
+decision record is filled in; the service writes it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from pyegress.errors import Denied, LocalProtocolError, PyegressError
+from pyegress.policy.literals import canonical, parse_host_literal
+from pyegress.policy.resolve import Address, pin, resolve
+from pyegress.policy.rules import Decision, Policy, Request
+
+
+class PolicyDenied(Denied):
+    """Refused by policy; ``reason`` is the audit reason code."""
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+class MalformedTarget(LocalProtocolError):
+    close_reason = "malformed"
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    host: str
+    port: int
+    via_proxy: bool
+
+
+def _decision_fields(
+    policy: Policy, decision: Decision | None, action: str, reason: str, detail: str
+) -> dict[str, Any]:
+    return {
+        "action": action,
+        "would_deny": action == "report",
+        "reason": reason,
+        "rule_id": decision.rule_id if decision is not None else None,
+        "policy_version": policy.version,
+        "detail": detail[:512],
+    }
+
+
+async def judge(
+    policy: Policy,
+    record: dict[str, Any],
+    identity: str | None,
+    host: str,
+    port: int,
+    *,
+    dns_timeout: float,
+    self_endpoints: Iterable[tuple[Address, int]],
+    have_proxy: bool,
+) -> Route:
+    """Decide, resolve and pin; fill ``record`` (the decision record) on every path."""
+    try:
+        literal = parse_host_literal(host)
+    except LocalProtocolError as exc:
+        record["decision"] = _decision_fields(policy, None, "deny", "malformed_request", str(exc))
+        raise MalformedTarget(str(exc)) from None
+    name = canonical(literal) if literal is not None else host.lower().rstrip(".")
+    decision = policy.decide(Request(identity=identity, host=name, port=port))
+    if decision.action == "deny":
+        record["decision"] = _decision_fields(
+            policy, decision, "deny", decision.reason, decision.detail
+        )
+        raise PolicyDenied(f"{name}:{port} refused by policy ({decision.reason})", decision.reason)
+    via_proxy = decision.route == "proxy" and have_proxy
+    if via_proxy and literal is None:
+        # The corporate proxy resolves the name; the DMZ passes it on unresolved.
+        record["decision"] = _decision_fields(
+            policy, decision, decision.action, decision.reason, decision.detail
+        )
+        record["upstream"] = {"via": "proxy"}
+        return Route(name, port, True)
+    try:
+        answers = (literal,) if literal is not None else await resolve(name, port, dns_timeout)
+    except PyegressError as exc:
+        reason = "dns_timeout" if exc.close_reason == "dns_timeout" else "dns_error"
+        record["decision"] = _decision_fields(policy, decision, "deny", reason, str(exc))
+        raise
+    pinned = pin(answers, port, decision.private, self_endpoints)
+    record["dns"] = {
+        "answers": [canonical(a) for a in pinned.answers],
+        "rejected": [{"ip": canonical(v.address), "class": v.category} for v in pinned.rejected],
+    }
+    refusal = pinned.refusal
+    if refusal is not None or pinned.address is None:
+        reason = refusal or "dns_error"
+        record["decision"] = _decision_fields(policy, decision, "deny", reason, name)
+        raise PolicyDenied(f"{name}:{port} refused: {reason}", reason)
+    deny_rule = policy.deny_addresses(identity, pinned.address, port)
+    if deny_rule is not None:
+        record["decision"] = _decision_fields(policy, decision, "deny", "global_deny", deny_rule)
+        record["decision"]["rule_id"] = deny_rule
+        raise PolicyDenied(f"{name}:{port} resolves into a denied range", "global_deny")
+    record["decision"] = _decision_fields(
+        policy, decision, decision.action, decision.reason, decision.detail
+    )
+    dialed = canonical(pinned.address)
+    record["upstream"] = {"via": "proxy" if via_proxy else "direct", "dialed": f"{dialed}:{port}"}
+    return Route(dialed, port, via_proxy)
+
+
+# Close reasons of tunnels that end before a verdict, mapped to decision reason codes.
+_FALLBACK_REASONS = {
+    "malformed": "malformed_request",
+    "handshake_timeout": "malformed_request",
+    "auth_failed": "client_auth",
+    "unsupported": "protocol_not_allowed",
+    "drain": "draining",
+}
+
+
+def policy_fallback(t: Any) -> dict[str, Any]:
+    """The decision record of a tunnel that ended before it was judged."""
+    reason = _FALLBACK_REASONS.get(t.reason or "", "malformed_request")
+    return {
+        "decision": {
+            "action": "deny",
+            "would_deny": False,
+            "reason": reason,
+            "rule_id": None,
+            "policy_version": t.policy_version,
+            "detail": (t.error or t.reason or "")[:512],
+        }
+    }

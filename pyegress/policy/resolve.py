@@ -1,0 +1,96 @@
+"""Resolution with pinning: resolve a name once, classify every answer, dial only an
+address that was checked.
+
+A name is looked up exactly once per tunnel. Each answer is classified against the
+special-purpose address table (``special.py``); answers in a refused category are
+dropped (and reported), and the tunnel dials the first remaining answer by its IP, so a
+second lookup (DNS rebinding) can never change where the bytes go.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import socket
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from pyegress.errors import ResolveError
+from pyegress.policy.special import Verdict, classify
+
+Address = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+# Categories no rule can let through.
+NEVER = frozenset({"metadata", "self", "unspecified", "multicast", "broadcast"})
+
+
+class ResolveTimeout(ResolveError):
+    close_reason = "dns_timeout"
+    http_status = 504
+
+
+@dataclass(frozen=True, slots=True)
+class Pinned:
+    """The outcome of checking a target's addresses."""
+
+    address: Address | None
+    answers: tuple[Address, ...]
+    rejected: tuple[Verdict, ...] = field(default=())
+
+    @property
+    def refusal(self) -> str | None:
+        """The reason code when no answer may be dialed."""
+        if self.address is not None:
+            return None
+        if not self.rejected:
+            return "dns_error"
+        category = self.rejected[0].category or "reserved"
+        if self.rejected[0].embedded is not None and category not in ("metadata", "loopback"):
+            return "resolved_ipv6_embedded"
+        if category == "self":
+            return "self_connection"
+        return f"resolved_{category}"
+
+
+async def resolve(host: str, port: int, timeout: float) -> tuple[Address, ...]:
+    """Look ``host`` up once (A and AAAA, in the system resolver's order)."""
+    loop = asyncio.get_running_loop()
+    try:
+        async with asyncio.timeout(timeout):
+            infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except TimeoutError:
+        raise ResolveTimeout(f"resolving {host}: no answer within {timeout:g}s") from None
+    except OSError as exc:
+        raise ResolveError(f"resolving {host}: {exc.strerror or exc}") from None
+    seen: list[Address] = []
+    for _family, _type, _proto, _canon, sockaddr in infos:
+        address = ipaddress.ip_address(str(sockaddr[0]).split("%", 1)[0])
+        if address not in seen:
+            seen.append(address)
+    return tuple(seen)
+
+
+def pin(
+    answers: Iterable[Address],
+    port: int,
+    allowed: frozenset[str],
+    self_endpoints: Iterable[tuple[Address, int]] = (),
+) -> Pinned:
+    """Choose the first answer whose category is allowed (``None`` = routable).
+
+    An answer that is one of this process's own listening endpoints (address and port)
+    is refused as ``self``: dialing it would loop the tunnel back into the proxy.
+    """
+    answers = tuple(answers)
+    own = set(self_endpoints)
+    rejected: list[Verdict] = []
+    for address in answers:
+        verdict = classify(address)
+        if (address, port) in own:
+            verdict = Verdict(address, "self", "one of this proxy's listeners", None)
+        if verdict.category is None or (
+            verdict.category in allowed and verdict.category not in NEVER
+        ):
+            return Pinned(address, answers, tuple(rejected))
+        rejected.append(verdict)
+    return Pinned(None, answers, tuple(rejected))
