@@ -26,6 +26,20 @@ from pyegress.pki import CertAuthority
 
 IDENTITY = "spiffe://demo.local/ns/default/sa/app"
 
+# The demo's origins live on loopback, so the rule that reaches them says so
+# (private: [loopback]); everything else is refused, and the DMZ says why.
+_POLICY = """\
+version: 1
+default: deny
+rules:
+  - id: demo/origin
+    allow: ["localhost:{origin}", "localhost:{tls}", "127.0.0.1:{origin}"]
+    identities: ["{identity}"]
+    private: [loopback]
+  - id: no-metadata
+    deny: ["169.254.0.0/16"]
+"""
+
 
 class _Origin(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
@@ -65,7 +79,8 @@ def _wait_port(port: int, timeout: float = 15.0) -> None:
 
 
 def _check(http_port: int, socks_port: int, origin_port: int, tls_port: int, ca: Path) -> bool:
-    """Go through both tiers three ways, with plain sockets (no curl needed)."""
+    """Go through both tiers three ways and ask for one refused destination, with plain
+    sockets (no curl needed)."""
     ok = True
     # 1. Absolute-URI GET through the HTTP listener.
     with socket.create_connection(("127.0.0.1", http_port), timeout=10) as sock:
@@ -98,7 +113,13 @@ def _check(http_port: int, socks_port: int, origin_port: int, tls_port: int, ca:
         sock.sendall(b"GET /socks HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
         reply = _read_all(sock)
     ok &= _report("SOCKS5", reply)
-    return ok
+    # 4. A destination the policy does not allow: 403 from the DMZ, nothing dialed.
+    with socket.create_connection(("127.0.0.1", http_port), timeout=10) as sock:
+        sock.sendall(b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n")
+        reply = _read_all(sock)
+    refused = reply.startswith(b"HTTP/1.1 403")
+    print(f"demo check: policy refusal: {'ok' if refused else 'FAILED'}", flush=True)
+    return ok and refused
 
 
 def _read_all(sock: socket.socket) -> bytes:
@@ -138,6 +159,8 @@ def main(argv: list[str] | None = None) -> int:
     _serve(tls_origin)
 
     ca = authority.path
+    policy = workdir / "policy.yaml"
+    policy.write_text(_POLICY.format(identity=IDENTITY, origin=origin_port, tls=tls_port))
     dmz_url = f"h2://127.0.0.1:{dmz_port}?cert={dmz_cert.cert}&key={dmz_cert.key}&ca={ca}"
     side_url = (
         f"h2://127.0.0.1:{dmz_port}?cert={app_cert.cert}&key={app_cert.key}&ca={ca}"
@@ -145,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     python = sys.executable
     children = [
-        ("[dmz]    ", [python, "-m", "pyegress", "-L", dmz_url]),
+        ("[dmz]    ", [python, "-m", "pyegress", "-L", dmz_url, "-C", str(policy)]),
         (
             "[sidecar]",
             [
@@ -178,7 +201,11 @@ try, in another terminal:
   curl -p -x http://127.0.0.1:{http_port} --cacert {ca} https://localhost:{tls_port}/over-tls
   curl --socks5-hostname 127.0.0.1:{socks_port} http://localhost:{origin_port}/via-socks
 
-each tunnel prints one tunnel_closed record per tier; Ctrl-C stops everything.
+and one the DMZ's policy ({policy}) refuses, with its decision record:
+  curl -p -x http://127.0.0.1:{http_port} https://example.com/
+
+each tunnel prints a decision and a close record at the DMZ and a close record at the
+sidecar, joined by conn_id; Ctrl-C stops everything.
 """,
             flush=True,
         )

@@ -30,7 +30,7 @@ def _is_free(port: int) -> bool:
     return True
 
 
-def test_demo_check_goes_through_both_tiers_three_ways() -> None:
+def test_demo_check_goes_through_both_tiers_and_shows_a_refusal() -> None:
     base = _free_block()
     out = subprocess.run(
         [sys.executable, "-m", "pyegress.demo", "--check", "--base-port", str(base)],
@@ -39,14 +39,15 @@ def test_demo_check_goes_through_both_tiers_three_ways() -> None:
         timeout=90,
     )
     assert out.returncode == 0, out.stdout + out.stderr
-    for what in ("HTTP absolute-URI", "HTTP CONNECT + TLS", "SOCKS5"):
+    for what in ("HTTP absolute-URI", "HTTP CONNECT + TLS", "SOCKS5", "policy refusal"):
         assert f"demo check: {what}: ok" in out.stdout
     # Both tiers recorded the tunnels, and the DMZ saw the sidecar's certificate identity.
     dmz_lines = [line for line in out.stdout.splitlines() if line.startswith("[dmz]")]
-    assert sum('"tunnel_closed"' in line for line in dmz_lines) == 3
-    assert all(
-        "spiffe://demo.local/ns/default/sa/app" in line
-        for line in dmz_lines
-        if '"tunnel_closed"' in line
-    )
+    closes = [line for line in dmz_lines if '"tunnel_closed"' in line]
+    decisions = [line for line in dmz_lines if '"event": "decision"' in line]
+    assert len(closes) == 4
+    assert len(decisions) == 4
+    assert all("spiffe://demo.local/ns/default/sa/app" in line for line in closes)
+    assert sum('"action": "deny"' in line for line in decisions) == 1
+    assert sum('"action": "allow"' in line for line in decisions) == 3
     assert "Traceback" not in out.stdout + out.stderr
