@@ -43,6 +43,7 @@ _IMPLEMENTED = {
     "fail_timeout",
     "max_streams",
     "dns_timeout",
+    "bypass",
 }
 
 
@@ -84,10 +85,12 @@ def _strip_eq(values: Sequence[str]) -> list[str]:
 def parse_nodes(args: argparse.Namespace) -> tuple[list[Node], list[Node]]:
     listen = [parse_node(url, "listen") for url in _strip_eq(args.listen)]
     forward = [parse_node(url, "forward") for url in _strip_eq(args.forward)]
-    for node in (*listen, *forward):
+    for node in forward:
         for key in node.params:
             if key in _NOT_YET_ERRORS:
-                raise ConfigError(f"parameter {key}= is not supported yet ({node.redacted()})")
+                raise ConfigError(
+                    f"parameter {key}= on -F is not supported yet ({node.redacted()})"
+                )
     return listen, forward
 
 

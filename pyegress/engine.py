@@ -21,12 +21,13 @@ from pyegress import __version__
 from pyegress.chain import Chain, direct
 from pyegress.config.nodes import Node
 from pyegress.endpoint import Endpoint, TcpEndpoint
-from pyegress.errors import ConfigError, PyegressError
+from pyegress.errors import ConfigError, Denied, PyegressError
 from pyegress.h2link import H2Link
 from pyegress.observe.log import Logger
 from pyegress.policy.enforce import judge, policy_fallback
+from pyegress.policy.loader import from_gost_bypass
 from pyegress.policy.resolve import Address
-from pyegress.policy.rules import Policy
+from pyegress.policy.rules import Policy, Request
 from pyegress.protocols.addresses import split_host_port
 from pyegress.relay import Relay
 from pyegress.tls import server_context
@@ -87,6 +88,10 @@ class Service:
         self.password = node.password
         self.server: asyncio.Server | None = None
         self.max_streams = max(1, node.integer("max_streams", 1000))
+        # gost's service bypass (gost-compat 3.3): matching targets are rejected, or with
+        # "~" only matching targets pass. Judged on the target as named, never resolved.
+        bypass = node.param("bypass")
+        self.bypass = from_gost_bypass(bypass, service_level=True) if bypass else None
         self.h2_path = node.param("path") or None
         if self.h2_path is not None and not self.h2_path.startswith("/"):
             self.h2_path = "/" + self.h2_path
@@ -226,6 +231,10 @@ class Service:
 
     async def dial(self, t: Tunnel, host: str, port: int) -> Endpoint:
         t.host, t.port = host, port
+        if self.bypass is not None:
+            verdict = self.bypass.decide(Request(identity=None, host=host, port=port))
+            if verdict.action == "deny":
+                raise Denied(f"{host}:{port} rejected by bypass= ({verdict.reason})")
         policy = self.engine.policy
         via_chain = True
         if policy is not None:
