@@ -149,6 +149,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.config:
             from pyegress.policy.loader import load_policy
 
+            if any(node.transport in ("h2", "h2c", "http2") for node in forward):
+                raise ConfigError(
+                    "-C judges tunnels where they leave (the DMZ); this node forwards over "
+                    "an h2 tier link, where a policy would dial around the DMZ"
+                )
             policy = load_policy(args.config)
             log.info("policy_loaded", file=args.config, policy_version=policy.version)
         engine = Engine(listen, forward, log, drain_timeout=args.drain_timeout, policy=policy)

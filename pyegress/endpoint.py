@@ -26,7 +26,7 @@ from collections.abc import Callable
 from contextlib import suppress
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
-from pyegress.errors import LocalProtocolError, PyegressError, map_os_error
+from pyegress.errors import LocalProtocolError, PyegressError, ResolveError, map_os_error
 
 if TYPE_CHECKING:
     from pyegress.relay import Relay
@@ -127,7 +127,7 @@ class BufferedEndpoint(Endpoint):
         "_peer",
         "_read_paused",
         "_relay",
-        "_waiter",
+        "_waiters",
         "_write_paused",
         "bytes_in",
         "bytes_out",
@@ -140,27 +140,29 @@ class BufferedEndpoint(Endpoint):
         self._eof = False
         self._closed = False
         self._exc: BaseException | None = None
-        self._waiter: asyncio.Future[None] | None = None
+        # Tasks sleeping in read() or drain(): a body copier may drain while another
+        # task reads, so every waiter is woken by any change.
+        self._waiters: list[asyncio.Future[None]] = []
         self._write_paused = False
         self._read_paused = False
         self._peer: Endpoint | None = None
         self._relay: Relay | None = None
 
     def _wake(self) -> None:
-        waiter = self._waiter
-        if waiter is not None:
-            self._waiter = None
-            if not waiter.done():
-                waiter.set_result(None)
+        if self._waiters:
+            waiters, self._waiters = self._waiters, []
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_result(None)
 
     async def _wait(self) -> None:
         waiter = asyncio.get_running_loop().create_future()
-        self._waiter = waiter
+        self._waiters.append(waiter)
         try:
             await waiter
         finally:
-            if self._waiter is waiter:
-                self._waiter = None
+            if waiter in self._waiters:
+                self._waiters.remove(waiter)
 
     def _consumed(self) -> None:
         """Bytes were taken out of the handshake buffer."""
@@ -424,6 +426,8 @@ async def open_tcp(host: str, port: int, timeout: float) -> TcpEndpoint:
         raise map_os_error(TimeoutError(), what) from None
     except (OSError, ssl.SSLError) as exc:
         raise map_os_error(exc, what) from None
+    except ValueError as exc:  # e.g. UnicodeError: a label over 63 octets
+        raise ResolveError(f"{what}: bad host name: {exc}") from None
     return protocol
 
 

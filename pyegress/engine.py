@@ -300,14 +300,22 @@ class Engine:
         self.stopping = False
         self.policy = policy
         self._stop: asyncio.Event | None = None
+        self._self_endpoints: list[tuple[Address, int]] | None = None
 
     def self_endpoints(self) -> list[tuple[Address, int]]:
-        """Our own listening (address, port) pairs: a tunnel may never dial them."""
-        out: list[tuple[Address, int]] = []
-        for service in self.services:
-            for host, port in service.bound_addresses:
-                out.append((ipaddress.ip_address(host.split("%", 1)[0]), port))
-        return out
+        """Our own listening (address, port) pairs: a tunnel may never dial them. A
+        wildcard listener stands for every address of this host's interfaces."""
+        if self._self_endpoints is None:
+            out: list[tuple[Address, int]] = []
+            for service in self.services:
+                for host, port in service.bound_addresses:
+                    address = ipaddress.ip_address(host.split("%", 1)[0])
+                    if address.is_unspecified:
+                        out += [(local, port) for local in _interface_addresses()]
+                    else:
+                        out.append((address, port))
+            self._self_endpoints = out
+        return self._self_endpoints
 
     def spawn(self, coro: Awaitable[None]) -> None:
         task: asyncio.Task[None] = asyncio.ensure_future(coro)
@@ -404,3 +412,22 @@ class Engine:
             link.close("shutdown")
         self.chain.close()
         self.log.info("stopped")
+
+
+def _interface_addresses() -> list[Address]:
+    """Every address configured on this host's interfaces (pyroute2; loopback if that
+    fails, e.g. without netlink access)."""
+    found: list[Address] = [ipaddress.ip_address("127.0.0.1"), ipaddress.ip_address("::1")]
+    try:
+        from pyroute2 import IPRoute
+
+        with IPRoute() as ip:
+            for entry in ip.get_addr():
+                value = entry.get_attr("IFA_ADDRESS")
+                if value:
+                    address = ipaddress.ip_address(str(value).split("%", 1)[0])
+                    if address not in found:
+                        found.append(address)
+    except Exception:  # netlink unavailable: loopback is still covered
+        pass
+    return found

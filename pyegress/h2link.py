@@ -444,7 +444,8 @@ class H2Link(asyncio.Protocol):
                     self._dispatch(event)
                 if self.closed:
                     return
-        except h2.exceptions.ProtocolError as exc:
+        except (h2.exceptions.ProtocolError, UnicodeDecodeError, ValueError) as exc:
+            # (h2 decodes headers inside receive_data: bad bytes raise UnicodeDecodeError.)
             self.lost_reason = f"HTTP/2 protocol error from peer: {exc}"
             self._in_receive = False
             self._flush()

@@ -162,3 +162,32 @@ def test_policy_check_agrees_with_live_traffic(
             live["rule_id"],
         ), target
         assert head.startswith(b"HTTP/1.1 200" if live["action"] == "allow" else b"HTTP/1.1 403")
+
+
+def test_a_name_resolving_to_the_dmz_itself_is_refused(
+    pyegress: PyegressFactory, tier_certs: TierCerts, tmp_path: Path
+) -> None:
+    from tests.support.ports import free_port
+
+    port = free_port()
+    policy = tmp_path / "self.yaml"
+    policy.write_text(
+        "version: 1\nrules:\n  - id: loop\n"
+        f'    allow: ["localhost:{port}"]\n    private: [loopback]\n'
+    )
+    dmz = pyegress(
+        ["-L", f"h2://127.0.0.1:{port}?" + tier_certs.dmz_params(), "-C", str(policy)], nports=0
+    )
+    dmz.ports = [port]
+    from tests.support.ports import wait_port
+
+    wait_port("127.0.0.1", port)
+    sidecar = pyegress(
+        ["-L", "http://127.0.0.1:{0}", "-F", f"h2://127.0.0.1:{port}?{tier_certs.sidecar_params()}"]
+    )
+    sock, head = http_connect(("127.0.0.1", sidecar.ports[0]), f"localhost:{port}")
+    sock.close()
+    assert head.startswith(b"HTTP/1.1 403"), head
+    close = dmz.record(target=f"localhost:{port}")
+    decision = dmz.matching(1, 10.0, "decision", conn_id=close["conn_id"])[0]
+    assert decision["decision"]["reason"] == "self_connection"

@@ -92,7 +92,7 @@ class H2ServerLink(H2Link):
             self._refuse(stream, 405)
             return
         if service.node.kind == "http2":
-            service.engine.spawn(_serve_http2(stream, self, service))
+            service.engine.spawn(_serve_http2_safely(stream, self, service))
             return
         self.respond(stream_id, 200)
         service.engine.spawn(service.serve(stream))
@@ -100,6 +100,19 @@ class H2ServerLink(H2Link):
     def _refuse(self, stream: H2Stream, status: int) -> None:
         self.respond(stream.stream_id, status, end=True)
         stream._local_ended = True
+        stream.close()
+
+
+async def _serve_http2_safely(stream: H2Stream, link: H2ServerLink, service: Service) -> None:
+    """Like ``Service.serve``: an answered refusal is logged, the stream always closed."""
+    try:
+        await _serve_http2(stream, link, service)
+    except PyegressError as exc:
+        service.log.debug("connection_error", error=str(exc))
+    except Exception as exc:  # a bug must not take the link down
+        service.log.error("handler_bug", error=f"{type(exc).__name__}: {exc}")
+        stream.abort()
+    finally:
         stream.close()
 
 

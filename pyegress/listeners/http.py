@@ -21,6 +21,7 @@ from pyegress.endpoint import Endpoint, read_message
 from pyegress.engine import Service
 from pyegress.errors import (
     AuthRequired,
+    ConnectTimeout,
     HandshakeTimeout,
     LocalProtocolError,
     PyegressError,
@@ -119,7 +120,9 @@ async def handle_request(client: Endpoint, service: Service, head: RequestHead) 
     kind = "http-connect" if head.method == "CONNECT" else "http-forward"
     async with service.tunnel(client, kind) as t:
         conn_id = head.get(CONN_ID_HEADER)
-        if conn_id is not None and _CONN_ID.fullmatch(conn_id):
+        # Only a peer with a verified certificate (a sidecar on the tier link) may name
+        # the conn_id; an application's header would let it forge audit joins.
+        if conn_id is not None and client.identity is not None and _CONN_ID.fullmatch(conn_id):
             t.conn_id = conn_id  # minted by the sidecar: joins both tiers' records
         try:
             t.user = _authenticate(service, head)
@@ -181,13 +184,16 @@ async def _exchange(
     if framing.kind != "none":
         body_task = asyncio.ensure_future(_copy_body(client, upstream, BodyReader(framing)))
     try:
-        async with asyncio.timeout(service.idle_timeout):
-            while True:
-                response = await read_message(upstream, parse_response_head, _upstream_closed)
-                if 100 <= response.status < 200 and response.status != 101:
-                    client.write(_render_head(response, keep_alive=None))
-                    continue
-                break
+        try:
+            async with asyncio.timeout(service.idle_timeout):
+                while True:
+                    response = await read_message(upstream, parse_response_head, _upstream_closed)
+                    if 100 <= response.status < 200 and response.status != 101:
+                        client.write(_render_head(response, keep_alive=None))
+                        continue
+                    break
+        except TimeoutError:
+            raise ConnectTimeout("upstream sent no response in time") from None
         t.status = response.status
         if response.status == 101:
             client.write(_render_head(response, keep_alive=None))
@@ -199,9 +205,18 @@ async def _exchange(
         keep = head.keep_alive() and resp_framing.kind != "close"
         client.write(_render_head(response, keep_alive=keep))
         if resp_framing.kind != "none":
-            clean = await _copy_body(upstream, client, BodyReader(resp_framing, remote=True))
+            try:
+                async with asyncio.timeout(service.idle_timeout):
+                    clean = await _copy_body(
+                        upstream, client, BodyReader(resp_framing, remote=True)
+                    )
+            except TimeoutError:
+                clean = False
             if not clean:
-                raise RemoteProtocolError("upstream closed in the middle of the response body")
+                # The head is out: an error status now would corrupt the body the
+                # client is reading. A reset tells it the response is incomplete.
+                client.abort()
+                raise RemoteProtocolError("upstream response body cut short")
         if body_task is not None:
             if not body_task.done():
                 # The response is complete but the client is still sending the body:

@@ -15,6 +15,7 @@ from typing import Any
 
 from pyegress.errors import Denied, LocalProtocolError, PyegressError
 from pyegress.policy.literals import canonical, parse_host_literal
+from pyegress.policy.patterns import normalize_name
 from pyegress.policy.resolve import Address, pin, resolve
 from pyegress.policy.rules import Decision, Policy, Request
 
@@ -68,7 +69,13 @@ async def judge(
     except LocalProtocolError as exc:
         record["decision"] = _decision_fields(policy, None, "deny", "malformed_request", str(exc))
         raise MalformedTarget(str(exc)) from None
-    name = canonical(literal) if literal is not None else host.lower().rstrip(".")
+    # The name as the policy judges it (lower case, IDNA A-labels): it is also the
+    # name dialed or passed to the corporate proxy.
+    name = canonical(literal) if literal is not None else normalize_name(host)
+    if name is None:
+        detail = f"bad host name {host[:80]!r}"
+        record["decision"] = _decision_fields(policy, None, "deny", "malformed_request", detail)
+        raise MalformedTarget(detail)
     decision = policy.decide(Request(identity=identity, host=name, port=port))
     if decision.action == "deny":
         record["decision"] = _decision_fields(

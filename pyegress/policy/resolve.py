@@ -62,6 +62,8 @@ async def resolve(host: str, port: int, timeout: float) -> tuple[Address, ...]:
         raise ResolveTimeout(f"resolving {host}: no answer within {timeout:g}s") from None
     except OSError as exc:
         raise ResolveError(f"resolving {host}: {exc.strerror or exc}") from None
+    except ValueError as exc:  # e.g. UnicodeError: a label over 63 octets
+        raise ResolveError(f"resolving {host}: bad name: {exc}") from None
     seen: list[Address] = []
     for _family, _type, _proto, _canon, sockaddr in infos:
         address = ipaddress.ip_address(str(sockaddr[0]).split("%", 1)[0])
@@ -86,7 +88,10 @@ def pin(
     rejected: list[Verdict] = []
     for address in answers:
         verdict = classify(address)
-        if (address, port) in own:
+        plain = address
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+            plain = address.ipv4_mapped
+        if (address, port) in own or (plain, port) in own:
             verdict = Verdict(address, "self", "one of this proxy's listeners", None)
         if verdict.category is None or (
             verdict.category in allowed and verdict.category not in NEVER
