@@ -279,6 +279,8 @@ def test_path_mode_uses_get_on_the_exact_path(
         sock.close()
         assert head.startswith(b"HTTP/1.1 502"), head
         assert str(side.record(reason="hop_refused")["error"]).endswith(f"answered {status}")
+        # The DMZ records the refused stream too.
+        assert dmz.record(reason="malformed", status=int(status))["kind"] == "h2"
 
 
 @pytest.mark.parametrize(

@@ -101,6 +101,16 @@ class H2ServerLink(H2Link):
         self.respond(stream.stream_id, status, end=True)
         stream._local_ended = True
         stream.close()
+        self.service.engine.spawn(_record_refusal(stream, self.service, status))
+
+
+async def _record_refusal(stream: H2Stream, service: Service, status: int) -> None:
+    """A stream refused for its method or path is still a tunnel with one record."""
+    async with service.tunnel(stream, "h2") as t:
+        t.reason, t.status = "malformed", status
+        method = header(stream.headers, ":method") or ""
+        path = header(stream.headers, ":path") or ""
+        t.error = f"h2 stream {method[:16]} {path[:128]} refused with {status}"
 
 
 async def _serve_http2_safely(stream: H2Stream, link: H2ServerLink, service: Service) -> None:
