@@ -164,6 +164,15 @@ class BufferedEndpoint(Endpoint):
             if waiter in self._waiters:
                 self._waiters.remove(waiter)
 
+    def _remote_eof(self) -> None:
+        """The peer ended its direction: tell the relay, or a waiting reader."""
+        self._eof = True
+        relay = self._relay
+        if relay is not None:
+            relay.on_eof(self)
+        else:
+            self._wake()
+
     def _consumed(self) -> None:
         """Bytes were taken out of the handshake buffer."""
 
@@ -200,10 +209,6 @@ class BufferedEndpoint(Endpoint):
     @property
     def closed(self) -> bool:
         return self._closed
-
-    @property
-    def at_eof(self) -> bool:
-        return self._eof
 
     @property
     def write_paused(self) -> bool:
@@ -247,12 +252,7 @@ class TcpEndpoint(asyncio.Protocol, BufferedEndpoint):
         self._wake()
 
     def eof_received(self) -> bool:
-        self._eof = True
-        relay = self._relay
-        if relay is not None:
-            relay.on_eof(self)
-        else:
-            self._wake()
+        self._remote_eof()
         # Keep the transport open: the other direction may still be sending.
         return True
 
@@ -344,10 +344,6 @@ class TcpEndpoint(asyncio.Protocol, BufferedEndpoint):
         data = bytes(self._buf)
         self._buf.clear()
         return data
-
-    def detach(self) -> None:
-        self._peer = None
-        self._relay = None
 
     def close(self) -> None:
         transport = self.transport

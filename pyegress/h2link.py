@@ -151,12 +151,7 @@ class H2Stream(BufferedEndpoint):
         self._wake()
 
     def _on_end(self) -> None:
-        self._eof = True
-        relay = self._relay
-        if relay is not None:
-            relay.on_eof(self)
-        else:
-            self._wake()
+        self._remote_eof()
         self._maybe_forget()
 
     def _on_lost(self, exc: BaseException) -> None:

@@ -239,27 +239,18 @@ def _split_scheme(scheme: str, role: Role, url: str) -> tuple[str, str]:
     if not plus:
         if left in _TRANSPORT_ONLY:
             left, right = "auto", left
-        elif left in ("red", "redir", "redirect"):
+        elif left in ("red", "redir", "redirect", "http2"):
             right = left
         else:
             right = "tcp"
-    if role == "listen":
-        handler = _HANDLERS.get(left)
-        listener = _LISTENERS.get(right)
-        if left == "http2" and not plus:
-            listener = "http2"
-        if handler is None or listener is None:
-            bad = left if handler is None else right
-            raise ConfigError(f"unknown scheme {bad!r} in -L {url!r}")
-        return handler, listener
-    connector = _CONNECTORS.get(left)
-    dialer = _DIALERS.get(right)
-    if left == "http2" and not plus:
-        dialer = "http2"
-    if connector is None or dialer is None:
-        bad = left if connector is None else right
-        raise ConfigError(f"unknown scheme {bad!r} in -F {url!r}")
-    return connector, dialer
+    first, second, flag = (
+        (_HANDLERS, _LISTENERS, "-L") if role == "listen" else (_CONNECTORS, _DIALERS, "-F")
+    )
+    kind, transport = first.get(left), second.get(right)
+    if kind is None or transport is None:
+        bad = left if kind is None else right
+        raise ConfigError(f"unknown scheme {bad!r} in {flag} {url!r}")
+    return kind, transport
 
 
 def _parse_port(text: str, url: str) -> int:

@@ -16,12 +16,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from pyegress.errors import ResolveError
-from pyegress.policy.special import Verdict, classify
+from pyegress.policy.special import Verdict, classify_with_self, is_refused
 
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
-
-# Categories no rule can let through.
-NEVER = frozenset({"metadata", "self", "unspecified", "multicast", "broadcast"})
 
 
 class ResolveTimeout(ResolveError):
@@ -78,24 +75,17 @@ def pin(
     allowed: frozenset[str],
     self_endpoints: Iterable[tuple[Address, int]] = (),
 ) -> Pinned:
-    """Choose the first answer whose category is allowed (``None`` = routable).
+    """Choose the first answer that is routable or in a category the rule allows.
 
     An answer that is one of this process's own listening endpoints (address and port)
     is refused as ``self``: dialing it would loop the tunnel back into the proxy.
     """
     answers = tuple(answers)
-    own = set(self_endpoints)
+    own = [address for address, own_port in self_endpoints if own_port == port]
     rejected: list[Verdict] = []
     for address in answers:
-        verdict = classify(address)
-        plain = address
-        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-            plain = address.ipv4_mapped
-        if (address, port) in own or (plain, port) in own:
-            verdict = Verdict(address, "self", "one of this proxy's listeners", None)
-        if verdict.category is None or (
-            verdict.category in allowed and verdict.category not in NEVER
-        ):
+        verdict = classify_with_self(address, own)
+        if not is_refused(verdict, allowed):
             return Pinned(address, answers, tuple(rejected))
         rejected.append(verdict)
     return Pinned(None, answers, tuple(rejected))
