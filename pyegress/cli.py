@@ -17,6 +17,8 @@ from pyegress.config.render import effective_config, to_yaml
 from pyegress.engine import DEFAULT_DRAIN_TIMEOUT, Engine
 from pyegress.errors import ConfigError
 from pyegress.observe import log as logmod
+from pyegress.observe.admin import parse_admin_address
+from pyegress.observe.audit import DEFAULT_BACKUPS, DEFAULT_MAX_BYTES
 
 # Parameters that are parsed but whose feature is not built yet: using one is an error
 # where ignoring it would weaken security, a warning elsewhere.
@@ -44,6 +46,7 @@ _IMPLEMENTED = {
     "max_streams",
     "dns_timeout",
     "bypass",
+    "max_lifetime",
 }
 
 
@@ -61,14 +64,31 @@ def build_parser() -> argparse.ArgumentParser:
         help="chain node (hop), in order, e.g. http://proxy:3128 or socks5://u:p@host:1080",
     )  # fmt: skip
     parser.add_argument(
-        "-C", dest="config", metavar="POLICY.yaml",
-        help="the DMZ's policy (allowlist) file; see docs/policy.md",
+        "-C", dest="config", metavar="FILE",
+        help="the DMZ's policy (allowlist) file (docs/policy.md), or a gost v2 JSON / "
+        "v3 YAML configuration",
     )  # fmt: skip
     parser.add_argument("-D", dest="debug", action="count", default=0, help="debug logging")
     parser.add_argument("-V", dest="version", action="store_true", help="print version, exit")
     parser.add_argument(
         "-O", dest="output", choices=("json", "yaml"), metavar="json|yaml",
         help="print the effective configuration and exit",
+    )  # fmt: skip
+    parser.add_argument(
+        "-metrics", "--metrics", dest="metrics", metavar="ADDR",
+        help="admin listener: /metrics, /livez, /readyz (e.g. :9000 or 127.0.0.1:9000)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--audit-file", metavar="PATH",
+        help="write audit records to PATH (rotated by size) instead of stdout",
+    )  # fmt: skip
+    parser.add_argument(
+        "--audit-max-bytes", type=int, default=DEFAULT_MAX_BYTES, metavar="N",
+        help="rotate the audit file before it passes N bytes (default %(default)s)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--audit-backups", type=int, default=DEFAULT_BACKUPS, metavar="K",
+        help="rotated audit files to keep (default %(default)s)",
     )  # fmt: skip
     parser.add_argument(
         "--drain-timeout", type=float, default=DEFAULT_DRAIN_TIMEOUT, metavar="SECONDS",
@@ -85,13 +105,17 @@ def _strip_eq(values: Sequence[str]) -> list[str]:
 def parse_nodes(args: argparse.Namespace) -> tuple[list[Node], list[Node]]:
     listen = [parse_node(url, "listen") for url in _strip_eq(args.listen)]
     forward = [parse_node(url, "forward") for url in _strip_eq(args.forward)]
+    _check_forward(forward)
+    return listen, forward
+
+
+def _check_forward(forward: Sequence[Node]) -> None:
     for node in forward:
         for key in node.params:
             if key in _NOT_YET_ERRORS:
                 raise ConfigError(
                     f"parameter {key}= on -F is not supported yet ({node.redacted()})"
                 )
-    return listen, forward
 
 
 def _warn_params(listen: Sequence[Node], forward: Sequence[Node], log: logmod.Logger) -> None:
@@ -125,16 +149,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         from pyegress.policy.cli import main as policy_main
 
         return policy_main(argv[1:])
+    if argv[:1] == ["healthcheck"]:
+        from pyegress.healthcheck import main as healthcheck_main
+
+        return healthcheck_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.version:
         print(f"pyegress {__version__} (gost-compatible) python {sys.version.split()[0]}")
         return 0
-    if not args.listen and not args.forward:
+    if not args.listen and not args.forward and not args.config:
         parser.print_usage(sys.stderr)
         return 2
     try:
         listen, forward = parse_nodes(args)
+        gost = None
+        if args.config:
+            from pyegress.config.gostfile import load_gost_file
+
+            gost = load_gost_file(args.config)  # None: the file is a pyegress policy
+            if gost is not None:
+                listen += gost.listen
+                forward += gost.forward
+                _check_forward(gost.forward)
         if args.output:
             config = effective_config(listen, forward)
             if args.output == "json":
@@ -142,11 +179,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             else:
                 print(to_yaml(config), end="")
             return 0
-        logmod.configure(debug=args.debug > 0)
-        log = logmod.get_logger()
-        _warn_params(listen, forward, log)
+        if args.metrics is not None:
+            parse_admin_address(args.metrics)  # a bad address fails before anything starts
         policy = None
-        if args.config:
+        if args.config and gost is None:
             from pyegress.policy.loader import load_policy
 
             if any(node.transport in ("h2", "h2c", "http2") for node in forward):
@@ -155,9 +191,33 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "an h2 tier link, where a policy would dial around the DMZ"
                 )
             policy = load_policy(args.config)
+        try:
+            output = logmod.configure(
+                debug=args.debug > 0 or (gost is not None and gost.debug),
+                audit_file=args.audit_file,
+                audit_max_bytes=args.audit_max_bytes,
+                audit_backups=args.audit_backups,
+            )
+        except OSError as exc:
+            raise ConfigError(f"--audit-file {args.audit_file}: {exc.strerror or exc}") from None
+        log = logmod.get_logger()
+        _warn_params(listen, forward, log)
+        if policy is not None:
             log.info("policy_loaded", file=args.config, policy_version=policy.version)
-        engine = Engine(listen, forward, log, drain_timeout=args.drain_timeout, policy=policy)
-        _run(engine.run())
+        try:
+            engine = Engine(
+                listen,
+                forward,
+                log,
+                drain_timeout=args.drain_timeout,
+                policy=policy,
+                policy_path=args.config if policy is not None else None,
+                metrics_address=args.metrics,
+                output=output,
+            )
+            _run(engine.run())
+        finally:
+            logmod.close()
     except ConfigError as exc:
         print(f"pyegress: error: {exc}", file=sys.stderr)
         return 2

@@ -110,7 +110,10 @@ def _check(http_port: int, socks_port: int, origin_port: int, tls_port: int, ca:
         port = origin_port.to_bytes(2, "big")
         sock.sendall(b"\x05\x01\x00\x03" + bytes([len(name)]) + name + port)
         sock.recv(10)
-        sock.sendall(b"GET /socks HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        sock.sendall(
+            f"GET /socks HTTP/1.1\r\nHost: localhost:{origin_port}\r\n"
+            "Connection: close\r\n\r\n".encode()
+        )
         reply = _read_all(sock)
     ok &= _report("SOCKS5", reply)
     # 4. A destination the policy does not allow: 403 from the DMZ, nothing dialed.

@@ -12,26 +12,35 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import signal
+import socket
 import ssl
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager, suppress
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, NoReturn
 
 from pyegress import __version__
 from pyegress.chain import Chain, direct
 from pyegress.config.nodes import Node
 from pyegress.endpoint import Endpoint, TcpEndpoint
-from pyegress.errors import ConfigError, Denied, PyegressError
+from pyegress.errors import ConfigError, Denied, PyegressError, Unavailable
 from pyegress.h2link import H2Link
+from pyegress.limits import LimitExceeded, Limits
+from pyegress.observe import log as logmod
+from pyegress.observe import metrics
+from pyegress.observe.admin import parse_admin_address, start_admin
+from pyegress.observe.audit import Output, cap
 from pyegress.observe.log import Logger
 from pyegress.policy.enforce import judge, policy_fallback
+from pyegress.policy.inspect import TlsSettings, inspect
 from pyegress.policy.loader import from_gost_bypass
 from pyegress.policy.resolve import Address
 from pyegress.policy.rules import Policy, Request
-from pyegress.protocols.addresses import split_host_port
+from pyegress.protocols.addresses import join_host_port, split_host_port
 from pyegress.relay import Relay
 from pyegress.tls import server_context
-from pyegress.tunnel import Tunnel
+from pyegress.tunnel import DETAIL_CAP, HOST_CAP, Tunnel, decision_fields
 
 Handler = Callable[[Endpoint, "Service"], Awaitable[None]]
 
@@ -82,6 +91,8 @@ class Service:
         self.dial_timeout = node.duration("timeout", 10.0)
         self.retries = max(1, node.integer("retries", 1))
         self.dns_timeout = node.duration("dns_timeout", 5.0)
+        self.max_lifetime = node.duration("max_lifetime", 0.0)
+        self._tls_server: Any = None
         self.proxy_agent = node.param("proxy_agent") or f"pyegress/{__version__}"
         self.realm = node.param("realm") or "pyegress"
         self.user = node.user
@@ -117,20 +128,30 @@ class Service:
         ok_pass = hmac.compare_digest(password.encode(), (self.password or "").encode())
         return ok_user and ok_pass
 
+    def new_tls_context(self) -> ssl.SSLContext | None:
+        """This service's server TLS context, freshly read from its files."""
+        transport = self.node.transport
+        if transport in ("tls", "h2", "http2"):
+            alpn = None if transport == "tls" else ["h2"]
+            return server_context(self.node, alpn, self.log.warning)
+        return None
+
+    def set_tls_context(self, ctx: ssl.SSLContext | None) -> None:
+        """New handshakes use ``ctx``; open connections keep theirs."""
+        if ctx is not None and self._tls_server is not None:
+            self._tls_server.context = ctx
+
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         host = self.node.host or None
-        transport = self.node.transport
-        warn = self.log.warning
         factory: Callable[[], asyncio.BaseProtocol]
-        if transport in ("h2", "h2c", "http2"):
+        if self.node.transport in ("h2", "h2c", "http2"):
             from pyegress.listeners.h2 import H2ServerLink
 
             factory = lambda: H2ServerLink(self)  # noqa: E731
-            ctx = None if transport == "h2c" else server_context(self.node, ["h2"], warn)
         else:
             factory = lambda: TcpEndpoint(self._accepted)  # noqa: E731
-            ctx = server_context(self.node, None, warn) if transport == "tls" else None
+        ctx = self.new_tls_context()
         try:
             if ctx is None:
                 self.server = await loop.create_server(
@@ -140,12 +161,55 @@ class Service:
                 from pyegress.listeners.tls import TlsServer
 
                 server = TlsServer(factory, ctx, self.handshake_timeout, self.log)
+                server.on_result = self._handshake_result
                 await server.start(host, self.node.port)
+                self._tls_server = server
                 self.server = server  # type: ignore[assignment]
         except OSError as exc:
             raise ConfigError(
                 f"cannot listen on {self.node.address}: {exc.strerror or exc}"
             ) from None
+
+    def _handshake_result(self, peer: Any, exc: BaseException | None, quiet: bool) -> None:
+        """Count every TLS handshake; a refused client certificate is also a tunnel
+        refused for ``client_auth``, with its two records."""
+        tier = self.engine.tier
+        if exc is None:
+            metrics.tls_handshake(tier, "peer", "ok")
+            return
+        if quiet:
+            return
+        text = f"{getattr(exc, 'reason', '') or ''} {exc}".lower()
+        result = "error"
+        if "expired" in text:
+            result = "expired"
+        elif "revoked" in text:
+            result = "revoked"
+        elif "did_not_return_a_certificate" in text or "certificate required" in text:
+            result = "no_cert"
+        elif "certificate" in text or "unknown ca" in text:
+            result = "bad_cert"
+        elif "version" in text or "protocol" in text:
+            result = "version"
+        metrics.tls_handshake(tier, "peer", result)
+        address = (str(peer[0]), int(peer[1])) if peer else ("", 0)
+        t = Tunnel(
+            service=self.name,
+            kind=self.node.kind if self.node.transport == "tls" else "h2",
+            client=address,
+            tier=tier,
+            instance=self.engine.instance,
+        )
+        state = self.engine.state
+        version = state.policy.version if state.policy is not None else None
+        t.policy_version = version
+        t.reason, t.error = "auth_failed", f"TLS handshake failed ({result}): {exc}"
+        t.decision = decision_fields("deny", "client_auth", None, version, t.error)
+        metrics.tunnel_opened(tier, t.mode)
+        self._log_decision(t)
+        close = t.close_record()
+        self.engine.output.record(close)
+        metrics.tunnel_closed(tier, t.mode, "auth_failed", 0.0)
 
     @property
     def bound_addresses(self) -> list[tuple[str, int]]:
@@ -193,14 +257,22 @@ class Service:
 
     @asynccontextmanager
     async def tunnel(self, client: Endpoint, kind: str) -> AsyncIterator[Tunnel]:
-        """A tunnel record that is written exactly once, however the block ends."""
+        """A tunnel whose decision and close records are each written exactly once,
+        however the block ends."""
+        engine = self.engine
         t = Tunnel(
-            service=self.name, kind=kind, client=client.peer_address, identity=client.identity
+            service=self.name,
+            kind=kind,
+            client=client.peer_address,
+            identity=client.identity,
+            tier=engine.tier,
+            instance=engine.instance,
         )
-        policy = self.engine.policy
-        if policy is not None:
-            t.policy_version = policy.version
-        self.engine.tunnels.add(t)
+        state = t.state = engine.state  # the tunnel keeps it across a reload
+        if state.policy is not None:
+            t.policy_version = state.policy.version
+        engine.tunnels.add(t)
+        metrics.tunnel_opened(t.tier, t.mode)
         try:
             yield t
         except PyegressError as exc:
@@ -215,28 +287,63 @@ class Service:
             t.error = f"{type(exc).__name__}: {exc}"
             raise
         finally:
-            self.engine.tunnels.discard(t)
-            if policy is not None and not t.decision_logged:
-                # Ended before any verdict (malformed, timed out, auth): still one
-                # decision record, a refusal with the reason it ended.
-                self._log_decision(t, policy_fallback(t))
-            self.log.info("tunnel_closed", **t.close_record())
+            engine.tunnels.discard(t)
+            for slot in t.slots:
+                slot.release()
+            t.slots.clear()
+            if not t.decision_logged:
+                if t.decision is None:
+                    # Ended before any verdict (malformed, timed out, auth): still one
+                    # decision record, a refusal with the reason it ended.
+                    t.decision = policy_fallback(t)
+                self._log_decision(t)
+            close = t.close_record()
+            engine.output.record(close)
+            metrics.tunnel_closed(
+                t.tier, t.mode, close["result"]["close_reason"], close["duration_ms"] / 1000
+            )
+            metrics.add_bytes(t.tier, t.bytes_up, t.bytes_down)
 
-    def _log_decision(self, t: Tunnel, fields: dict[str, Any]) -> None:
+    def _log_decision(self, t: Tunnel) -> None:
         t.decision_logged = True
-        decision = fields.get("decision", {})
-        t.decision = str(decision.get("action", ""))
-        t.decision_reason = str(decision.get("reason", ""))
-        self.log.info("decision", **t.decision_record(fields))
+        decision = t.decision or {}
+        self.engine.output.record(t.decision_record())
+        metrics.decision(
+            t.tier,
+            t.mode,
+            str(decision.get("action", "")),
+            str(decision.get("reason", "")),
+            decision.get("rule_id") or "",
+            self.engine.identity_class(t.identity),
+        )
+
+    def _refuse(self, t: Tunnel, reason: str, exc: PyegressError) -> NoReturn:
+        version = t.policy_version
+        t.decision = decision_fields("deny", reason, policy_version=version, detail=str(exc))
+        self._log_decision(t)
+        raise exc
 
     async def dial(self, t: Tunnel, host: str, port: int) -> Endpoint:
         t.host, t.port = host, port
+        if t.name_source is None:
+            t.name_source = _NAME_SOURCES.get(t.mode, "connect")
+        engine = self.engine
+        if engine.stopping:
+            self._refuse(t, "draining", Unavailable("draining: not accepting new tunnels"))
         if self.bypass is not None:
             verdict = self.bypass.decide(Request(identity=None, host=host, port=port))
             if verdict.action == "deny":
-                raise Denied(f"{host}:{port} rejected by bypass= ({verdict.reason})")
-        policy = self.engine.policy
+                exc = Denied(f"{host}:{port} rejected by bypass= ({verdict.reason})")
+                self._refuse(t, "bypass", exc)
+        state: State = t.state
+        policy = state.policy
         via_chain = True
+        if state.limits is not None:
+            try:
+                t.slots.extend(state.limits.acquire(t.identity))
+            except LimitExceeded as exc:
+                metrics.limit_rejected(t.tier, exc.limit)
+                self._refuse(t, "limit_exceeded", exc)
         if policy is not None:
             record: dict[str, Any] = {}
             try:
@@ -247,34 +354,127 @@ class Service:
                     host,
                     port,
                     dns_timeout=self.dns_timeout,
-                    self_endpoints=self.engine.self_endpoints(),
+                    self_endpoints=engine.self_endpoints(),
                     have_proxy=bool(self.chain.hops),
                 )
             finally:
-                if "decision" in record:
-                    self._log_decision(t, record)
+                t.decision = record.get("decision")
+                t.dns = record.get("dns")
+                t.upstream = record.get("upstream")
+                if t.action == "deny":
+                    self._log_decision(t)
             host, port, via_chain = route.host, route.port, route.via_proxy
-            t.dialed = f"{host}:{port}"
+            t.dialed = join_host_port(host, port)
+            if state.tls.sni == "off":
+                self._log_decision(t)
+        else:
+            t.decision = decision_fields("allow", "no_policy")
+            self._log_decision(t)
+        via = "proxy" if via_chain and self.chain.hops else "direct"
         last: PyegressError | None = None
         for _ in range(self.retries):
+            started = time.monotonic()
             try:
                 if via_chain:
-                    return await self.chain.dial(host, port, self.dial_timeout, t.conn_id)
-                return await direct.dial(host, port, self.dial_timeout)
+                    upstream = await self.chain.dial(host, port, self.dial_timeout, t.conn_id)
+                else:
+                    upstream = await direct.dial(host, port, self.dial_timeout)
             except PyegressError as exc:
+                metrics.upstream_error(via, exc.close_reason)
+                if exc.close_reason == "connect_timeout":
+                    metrics.timeout(t.tier, "connect")
                 last = exc
+            else:
+                metrics.upstream_connect(via, time.monotonic() - started)
+                return upstream
         assert last is not None
         raise last
 
+    async def _inspect(self, t: Tunnel, client: Endpoint, upstream: Endpoint) -> bool:
+        """The DMZ's look at the tunnel's first bytes (SNI, Host); False when refused."""
+        state: State = t.state
+        policy = state.policy
+        assert policy is not None
+        rule_id = (t.decision or {}).get("rule_id")
+        identity = t.identity
+
+        def name_allowed(name: str) -> bool:
+            verdict = policy.decide(Request(identity=identity, host=name, port=t.port))
+            return verdict.action != "deny"
+
+        seen = await inspect(
+            client,
+            t.host,
+            t.port,
+            state.tls,
+            tcp_allowed=policy.tcp_allowed(rule_id),
+            name_allowed=name_allowed,
+            handshake_timeout=self.handshake_timeout,
+        )
+        if seen.kind == "tls":
+            t.tls = {
+                "sni": cap(seen.sni, HOST_CAP),
+                "sni_match": seen.sni_match,
+                "ech": seen.ech,
+                "alpn": [cap(a, 64) for a in seen.alpn[:8]],
+            }
+        elif seen.kind == "http":
+            t.http = {"host": cap(seen.host_header, HOST_CAP)}
+        if seen.reason is None:
+            return True
+        decision = dict(t.decision or {})
+        decision["detail"] = cap(seen.detail, DETAIL_CAP)
+        if seen.would_deny:
+            decision.update(action="report", would_deny=True, reason=seen.reason)
+            t.decision = decision
+            return True
+        decision.update(action="deny", would_deny=False, reason=seen.reason)
+        t.decision = decision
+        t.reason = seen.reason if seen.reason == "sni_mismatch" else "denied"
+        t.error = seen.detail
+        upstream.abort()
+        client.abort()
+        return False
+
     async def relay(self, t: Tunnel, client: Endpoint, upstream: Endpoint) -> None:
-        relay = Relay(client, upstream, self.idle_timeout)
+        relay = Relay(client, upstream, self.idle_timeout)  # byte counts start here
         t.relay = relay
+        lifetime: asyncio.TimerHandle | None = None
         try:
+            state: State = t.state
+            if not t.decision_logged:
+                inspecting = state.policy is not None and state.tls.sni != "off"
+                if inspecting and not await self._inspect(t, client, upstream):
+                    return
+                self._log_decision(t)
+            max_lifetime = state.max_lifetime or self.max_lifetime
+            if max_lifetime > 0:
+                loop = asyncio.get_running_loop()
+                lifetime = loop.call_later(max_lifetime, relay.stop, "max_lifetime")
             t.reason = await relay.run()
+            if t.reason in _TIMEOUT_KINDS:
+                metrics.timeout(t.tier, _TIMEOUT_KINDS[t.reason])
         finally:
+            if lifetime is not None:
+                lifetime.cancel()
             t.bytes_up += relay.bytes_up
             t.bytes_down += relay.bytes_down
             t.relay = None
+
+
+_TIMEOUT_KINDS = {"idle_timeout": "idle", "max_lifetime": "max_lifetime", "drain": "drain"}
+_NAME_SOURCES = {"socks5": "socks", "socks4": "socks", "sni": "sni", "transparent": "orig_dst"}
+
+
+@dataclass(frozen=True, slots=True)
+class State:
+    """What a tunnel is judged by; replaced as a whole on reload, so a tunnel keeps the
+    state it started with."""
+
+    policy: Policy | None
+    tls: TlsSettings
+    limits: Limits | None
+    max_lifetime: float
 
 
 class Engine:
@@ -285,10 +485,15 @@ class Engine:
         log: Logger,
         drain_timeout: float = DEFAULT_DRAIN_TIMEOUT,
         policy: Policy | None = None,
+        *,
+        policy_path: str | None = None,
+        metrics_address: str | None = None,
+        output: Output | None = None,
     ) -> None:
         if not listen:
             raise ConfigError("nothing to serve: give at least one -L")
         self.log = log
+        self.output = output or logmod.output()
         self.drain_timeout = drain_timeout
         self.chain = Chain(forward)
         self.services = [
@@ -298,9 +503,58 @@ class Engine:
         self.tasks: set[asyncio.Task[None]] = set()
         self.links: set[H2Link] = set()
         self.stopping = False
-        self.policy = policy
+        self.started = False
+        self.policy_path = policy_path
+        self.metrics_address = metrics_address
+        self.admin: asyncio.AbstractServer | None = None
+        self.instance = socket.gethostname()
+        self.tier = _tier_of(listen, forward, policy)
+        self._limits = Limits(policy.limits) if policy is not None else None
+        self.state = self._state_for(policy)
         self._stop: asyncio.Event | None = None
         self._self_endpoints: list[tuple[Address, int]] | None = None
+        self._identity_classes: dict[str, str] = {}
+
+    @property
+    def policy(self) -> Policy | None:
+        return self.state.policy
+
+    def _state_for(self, policy: Policy | None) -> State:
+        if policy is None:
+            return State(None, TlsSettings(sni="off"), None, 0.0)
+        limits = None
+        if not policy.limits.empty:
+            if self._limits is None:
+                self._limits = Limits(policy.limits)
+            self._limits.spec = policy.limits
+            limits = self._limits
+        return State(policy, policy.tls, limits, policy.limits.max_lifetime or 0.0)
+
+    def identity_class(self, identity: str | None) -> str:
+        """A bounded metric label for an identity: the first policy group it is in, else
+        ``other`` (raw identities never become label values)."""
+        if identity is None:
+            return "none"
+        policy = self.state.policy
+        if policy is None:
+            return "other"
+        found = self._identity_classes.get(identity)
+        if found is None:
+            found = policy.group_of(identity) or "other"
+            if len(self._identity_classes) < 10_000:
+                self._identity_classes[identity] = found
+        return found
+
+    def readiness(self) -> tuple[bool, str]:
+        if not self.started:
+            return False, "starting"
+        if self.stopping:
+            return False, "draining"
+        if self.tier == "sidecar":
+            up, _connecting, _down = self.chain.link_states()
+            if up == 0:
+                return False, "no tier link up"
+        return True, "ready"
 
     def self_endpoints(self) -> list[tuple[Address, int]]:
         """Our own listening (address, port) pairs: a tunnel may never dial them. A
@@ -348,6 +602,23 @@ class Engine:
                 addresses=[f"{h}:{p}" for h, p in service.bound_addresses],
                 chain=self.chain.describe(),
             )
+        if self.metrics_address is not None:
+            host, port = parse_admin_address(self.metrics_address)
+            try:
+                self.admin = await start_admin(host, port, self.readiness)
+            except OSError as exc:
+                raise ConfigError(
+                    f"cannot listen on -metrics {self.metrics_address}: {exc.strerror or exc}"
+                ) from None
+            self.log.info("admin_listening", address=self.metrics_address)
+        metrics.init(self.tier)
+        if self.state.policy is not None:
+            metrics.set_policy(self.tier, self.state.policy.version, len(self.state.policy.rules))
+        self._export_cert_expiry()
+        self.started = True
+        metrics.set_ready(self.tier, True)
+        if self.tier == "sidecar":
+            self.spawn(self._watch_links())
 
     def _loop_exception(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
         """Errors the event loop catches (a failed TLS handshake, mostly) as one log line."""
@@ -375,17 +646,85 @@ class Engine:
         await self.start()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop)
+        loop.add_signal_handler(signal.SIGHUP, self.reload)
         assert self._stop is not None
         try:
             await self._stop.wait()
         finally:
-            for sig in (signal.SIGTERM, signal.SIGINT):
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
         await self.shutdown()
+
+    def reload(self) -> None:
+        """SIGHUP: re-read the policy and the TLS files; keep the old ones if anything
+        is invalid. Open tunnels keep the state they started with."""
+        if self.stopping:
+            return
+        old = self.state
+        policy = old.policy
+        try:
+            if self.policy_path is not None:
+                from pyegress.policy.loader import load_policy
+
+                policy = load_policy(self.policy_path)
+            contexts = [service.new_tls_context() for service in self.services]
+            client_contexts = self.chain.new_tls_contexts()
+        except (ConfigError, OSError, ssl.SSLError, ValueError) as exc:
+            metrics.config_reload(self.tier, False)
+            self.log.error(
+                "config_reload",
+                result="error",
+                error=str(exc).splitlines()[0][:512],
+                policy_version=old.policy.version if old.policy is not None else None,
+            )
+            return
+        for service, ctx in zip(self.services, contexts, strict=True):
+            service.set_tls_context(ctx)
+        self.chain.set_tls_contexts(client_contexts)
+        self.state = self._state_for(policy)
+        self._identity_classes.clear()
+        if policy is not None:
+            metrics.set_policy(self.tier, policy.version, len(policy.rules))
+        self._export_cert_expiry()
+        metrics.config_reload(self.tier, True)
+        self.log.info(
+            "config_reload",
+            result="success",
+            policy_version=policy.version if policy is not None else None,
+            previous_version=old.policy.version if old.policy is not None else None,
+        )
+
+    def _export_cert_expiry(self) -> None:
+        for kind, path in self._cert_files():
+            try:
+                metrics.cert_expiry(self.tier, kind, path)
+            except (ConfigError, OSError, ValueError) as exc:
+                self.log.warning("cert_unreadable", file=path, error=str(exc)[:200])
+
+    def _cert_files(self) -> list[tuple[str, str]]:
+        out: list[tuple[str, str]] = []
+        for node in (*(s.node for s in self.services), *(h.node for h in self.chain.hops)):
+            role = "server" if node.role == "listen" else "client"
+            cert, ca = node.param("cert"), node.param("ca")
+            if cert:
+                out.append((role, cert))
+            if ca:
+                out.append(("ca", ca))
+        return out
+
+    async def _watch_links(self) -> None:
+        """A sidecar keeps one tier link warm, so readiness means a DMZ is reachable."""
+        while not self.stopping:
+            await self.chain.warm()
+            up, connecting, down = self.chain.link_states()
+            metrics.set_tier_links(up, connecting, down)
+            await asyncio.sleep(1.0)
 
     async def shutdown(self) -> None:
         """Stop accepting, let tunnels finish until the drain deadline, then end them."""
         self.stopping = True
+        metrics.set_ready(self.tier, False)
+        metrics.set_draining(self.tier, True)
         for service in self.services:
             if service.server is not None:
                 service.server.close()
@@ -411,7 +750,20 @@ class Engine:
         for link in list(self.links):
             link.close("shutdown")
         self.chain.close()
+        if self.admin is not None:
+            self.admin.close()
         self.log.info("stopped")
+
+
+def _tier_of(listen: Sequence[Node], forward: Sequence[Node], policy: Policy | None) -> str:
+    if policy is not None or any(n.transport in _H2_FAMILY for n in listen):
+        return "dmz"
+    if any(n.transport in _H2_FAMILY for n in forward):
+        return "sidecar"
+    return "proxy"
+
+
+_H2_FAMILY = frozenset({"h2", "h2c", "http2"})
 
 
 def _interface_addresses() -> list[Address]:

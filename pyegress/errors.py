@@ -87,6 +87,13 @@ class Denied(PyegressError):
     close_reason = "denied"
 
 
+class Unavailable(PyegressError):
+    """The service cannot take the tunnel now (shutting down)."""
+
+    http_status = 503
+    close_reason = "drain"
+
+
 class UnsupportedCommand(PyegressError):
     """A SOCKS command or HTTP feature we do not serve."""
 
@@ -96,9 +103,10 @@ class UnsupportedCommand(PyegressError):
 
 
 class UpstreamError(PyegressError):
-    """Reaching the target (or a hop on the way) failed."""
+    """Reaching the target (or a hop on the way) failed: 502, or 504 for a timeout
+    (gost answers 503 for both; the audit record's close reason tells them apart)."""
 
-    http_status = 503
+    http_status = 502
     socks5_reply = SOCKS5_GENERAL_FAILURE
     close_reason = "dial_failed"
 
@@ -109,6 +117,7 @@ class ConnectRefused(UpstreamError):
 
 
 class ConnectTimeout(UpstreamError):
+    http_status = 504
     socks5_reply = SOCKS5_TTL_EXPIRED
     close_reason = "connect_timeout"
 
@@ -128,6 +137,7 @@ class ResolveError(UpstreamError):
 
     socks5_reply = SOCKS5_HOST_UNREACHABLE
     close_reason = "resolve_failed"
+    result = "error"  # nxdomain | servfail | nodata | timeout | error
 
 
 class HopRefused(UpstreamError):

@@ -1,8 +1,9 @@
-"""A tunnel's life record: who asked for what, how it ended, bytes each way.
+"""A tunnel's life record: who asked for what, what was decided, how it ended.
 
 Every tunnel a listener starts is a :class:`Tunnel`, opened with ``Service.tunnel()``.
 Whatever path it ends by (relayed to EOF, refused, malformed, reset, drained), leaving
-that context writes exactly one close record.
+that context writes exactly one ``decision`` and one ``close`` audit record (schema
+``pyegress.audit/v1``, docs/audit.md).
 """
 
 from __future__ import annotations
@@ -12,14 +13,37 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from pyegress.protocols.addresses import join_host_port
+from pyegress.observe.audit import cap, iso_time
 from pyegress.relay import Relay
 
 AUDIT_SCHEMA = "pyegress.audit/v1"
 
+HOST_CAP = 253
+DETAIL_CAP = 512
+
+# Listener kinds as audit modes (docs/audit.md).
+_MODES = {
+    "http-connect": "connect",
+    "http": "connect",
+    "h2": "connect",
+    "http2": "connect",
+    "http-forward": "http",
+    "socks5": "socks5",
+    "socks4": "socks4",
+    "socks4a": "socks4",
+    "tcp": "forward",
+    "tls-sni": "sni",
+    "auto": "connect",
+    "redirect": "transparent",
+}
+
 
 def new_conn_id() -> str:
     return secrets.token_hex(8)
+
+
+def mode_of(kind: str) -> str:
+    return _MODES.get(kind, "connect")
 
 
 @dataclass(slots=True, eq=False)
@@ -27,10 +51,13 @@ class Tunnel:
     service: str
     kind: str
     client: tuple[str, int]
+    tier: str = "proxy"
+    instance: str = ""
     conn_id: str = field(default_factory=new_conn_id)
     started: float = field(default_factory=time.monotonic)
     host: str = ""
     port: int = 0
+    name_source: str | None = None
     user: str | None = None
     identity: str | None = None
     reason: str | None = None
@@ -41,59 +68,94 @@ class Tunnel:
     relay: Relay | None = None
     policy_version: str | None = None
     decision_logged: bool = False
-    decision: str | None = None
-    decision_reason: str | None = None
+    # The verdict: filled by the judge (or a fallback), written once.
+    decision: dict[str, Any] | None = None
+    dns: dict[str, Any] | None = None
+    upstream: dict[str, Any] | None = None
+    tls: dict[str, Any] | None = None
+    http: dict[str, Any] | None = None
+    orig_dst: str | None = None
     dialed: str | None = None
+    slots: list[Any] = field(default_factory=list)
+    state: Any = None  # the engine state (policy, limits) the tunnel was opened under
 
-    def decision_record(self, fields: dict[str, Any]) -> dict[str, Any]:
-        """The audit ``decision`` event (schema pyegress.audit/v1)."""
-        record: dict[str, Any] = {
-            "schema": AUDIT_SCHEMA,
-            "conn_id": self.conn_id,
-            "service": self.service,
-            "kind": self.kind,
-            "client": join_host_port(*self.client) if self.client[0] else "",
-            "identity": self.identity,
-            "requested": {"host": _cap(self.host, 253), "port": self.port},
-        }
-        record.update(fields)
-        return record
+    @property
+    def mode(self) -> str:
+        return mode_of(self.kind)
+
+    @property
+    def action(self) -> str | None:
+        return None if self.decision is None else self.decision.get("action")
 
     @property
     def target(self) -> str:
-        return join_host_port(self.host, self.port) if self.host else ""
+        if not self.host:
+            return ""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+    def _common(self, event: str) -> dict[str, Any]:
+        record: dict[str, Any] = {
+            "schema": AUDIT_SCHEMA,
+            "event": event,
+            "ts": iso_time(),
+            "conn_id": self.conn_id,
+            "tier": self.tier,
+            "instance": self.instance,
+            "service": self.service,
+            "mode": self.mode,
+            "kind": self.kind,
+            "client": {
+                "addr": self.client[0] or None,
+                "port": self.client[1] if self.client[0] else None,
+                "identity": cap(self.identity, DETAIL_CAP),
+                "user": cap(self.user, HOST_CAP),
+            },
+            "requested": {
+                "host": cap(self.host, HOST_CAP) or None,
+                "port": self.port or None,
+                "name_source": self.name_source,
+            },
+        }
+        if self.orig_dst is not None:
+            record["orig_dst"] = self.orig_dst
+        for key in ("tls", "http", "dns", "decision", "upstream"):
+            value = getattr(self, key)
+            if value is not None:
+                record[key] = value
+        return record
+
+    def decision_record(self) -> dict[str, Any]:
+        """The audit ``decision`` event."""
+        return self._common("decision")
 
     def close_record(self) -> dict[str, Any]:
-        record: dict[str, Any] = {
-            "conn_id": self.conn_id,
-            "service": self.service,
-            "kind": self.kind,
-            "client": join_host_port(*self.client) if self.client[0] else "",
-            "target": self.target,
-            "bytes_up": self.bytes_up,
-            "bytes_down": self.bytes_down,
-            "duration_s": round(time.monotonic() - self.started, 6),
-            "reason": self.reason or "eof",
+        """The audit ``close`` event."""
+        record = self._common("close")
+        record["start_ts"] = iso_time(self.started)
+        record["result"] = {
+            "client_reply": self.status,
+            "close_reason": self.reason or "eof",
+            "error": cap(self.error, DETAIL_CAP),
         }
-        if self.user is not None:
-            record["user"] = self.user
-        if self.identity is not None:
-            record["identity"] = self.identity
-        if self.status is not None:
-            record["status"] = self.status
-        if self.error is not None:
-            record["error"] = _cap(self.error, 512)
-        if self.policy_version is not None:
-            record["schema"] = AUDIT_SCHEMA
-            record["policy_version"] = self.policy_version
-            record["decision"] = self.decision
-            if self.decision_reason:
-                record["decision_reason"] = self.decision_reason
-            if self.dialed:
-                record["dialed"] = self.dialed
+        record["bytes"] = {"from_client": self.bytes_up, "to_client": self.bytes_down}
+        record["duration_ms"] = round((time.monotonic() - self.started) * 1000, 3)
         return record
 
 
-def _cap(text: str, limit: int) -> str:
-    """Attacker-controlled text, capped; JSON encoding escapes control characters."""
-    return text if len(text) <= limit else text[:limit] + "..."
+def decision_fields(
+    action: str,
+    reason: str,
+    rule_id: str | None = None,
+    policy_version: str | None = None,
+    detail: str = "",
+) -> dict[str, Any]:
+    """A ``decision`` object (docs/audit.md)."""
+    return {
+        "action": action,
+        "would_deny": action == "report",
+        "reason": reason,
+        "rule_id": rule_id,
+        "policy_version": policy_version,
+        "detail": cap(detail, DETAIL_CAP),
+    }

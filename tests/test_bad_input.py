@@ -24,7 +24,7 @@ import pytest
 from tests.support.clients import http_connect, recv_exact, socks4_connect, socks5_connect
 from tests.support.origins import HttpOrigin, TcpOrigin
 from tests.support.ports import free_port, wait_port
-from tests.support.procs import Pyegress
+from tests.support.procs import Pyegress, flat_close
 
 # Listener name -> -L URL template (the port is filled in).
 SERVICES = {
@@ -143,10 +143,11 @@ def records_for(proxy: Proxy, listener: str, client: str) -> list[dict[str, Any]
             record = json.loads(line)
         except ValueError:  # not a record, or a line still being written
             continue
-        if not isinstance(record, dict):
+        if not isinstance(record, dict) or record.get("event") != "close":
             continue
+        record = flat_close(record)
         if (
-            record.get("event") == "tunnel_closed"
+            record.get("event") == "close"
             and record.get("client") == client
             and record.get("service") == service
         ):

@@ -171,7 +171,7 @@ def test_chain_through_a_real_proxy(
         "-x",
         f"http://127.0.0.1:{_port(entry)}",
     )
-    assert run.only.http_code == 503, run.describe()
+    assert run.only.http_code == 502, run.describe()
     assert entry.record(kind="http-forward", client=_client(run))["reason"] == "connect_refused"
 
 
@@ -378,16 +378,16 @@ def test_target_refused_direct(pyegress: PyegressFactory, tmp_path: Path) -> Non
     proxy = f"http://127.0.0.1:{_port(p)}"
 
     run = curl(tmp_path, [f"http://127.0.0.1:{dead}/"], "-x", proxy)
-    assert run.only.http_code == 503, run.describe()
+    assert run.only.http_code == 502, run.describe()
     record = p.record(kind="http-forward", client=_client(run))
-    assert (record["status"], record["reason"]) == (503, "connect_refused")
+    assert (record["status"], record["reason"]) == (502, "connect_refused")
     assert record["target"] == f"127.0.0.1:{dead}"
 
     run = curl(tmp_path, [f"https://127.0.0.1:{dead}/"], "-p", "-x", proxy)
     assert run.returncode != 0
-    assert run.only.http_connect == 503, run.describe()
+    assert run.only.http_connect == 502, run.describe()
     record = p.record(kind="http-connect", client=_client(run))
-    assert (record["status"], record["reason"]) == (503, "connect_refused")
+    assert (record["status"], record["reason"]) == (502, "connect_refused")
 
     sock, rep = socks5_connect(("127.0.0.1", _port(p, 1)), "localhost", dead)
     client = _sock_client(sock)

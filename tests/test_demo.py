@@ -43,11 +43,11 @@ def test_demo_check_goes_through_both_tiers_and_shows_a_refusal() -> None:
         assert f"demo check: {what}: ok" in out.stdout
     # Both tiers recorded the tunnels, and the DMZ saw the sidecar's certificate identity.
     dmz_lines = [line for line in out.stdout.splitlines() if line.startswith("[dmz]")]
-    closes = [line for line in dmz_lines if '"tunnel_closed"' in line]
-    decisions = [line for line in dmz_lines if '"event": "decision"' in line]
+    closes = [line for line in dmz_lines if '"event":"close"' in line]
+    decisions = [line for line in dmz_lines if '"event":"decision"' in line]
     assert len(closes) == 4
     assert len(decisions) == 4
     assert all("spiffe://demo.local/ns/default/sa/app" in line for line in closes)
-    assert sum('"action": "deny"' in line for line in decisions) == 1
-    assert sum('"action": "allow"' in line for line in decisions) == 3
+    assert sum('"action":"deny"' in line for line in decisions) == 1
+    assert sum('"action":"allow"' in line for line in decisions) == 3
     assert "Traceback" not in out.stdout + out.stderr

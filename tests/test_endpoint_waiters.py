@@ -33,6 +33,6 @@ def test_a_label_over_63_octets_is_a_dial_failure_not_a_bug(pyegress: PyegressFa
     target = "a" * 64 + ".example.com:443"
     sock, head = http_connect(("127.0.0.1", proxy.ports[0]), target)
     sock.close()
-    assert head.startswith(b"HTTP/1.1 503"), head
+    assert head.startswith(b"HTTP/1.1 502"), head
     assert proxy.record(target=target)["reason"] == "resolve_failed"
     assert "handler_bug" not in proxy.output()

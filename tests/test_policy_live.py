@@ -78,7 +78,7 @@ def test_allowed_identity_reaches_its_origin_and_records_join(
     assert decision["decision"]["action"] == "allow"
     assert decision["decision"]["rule_id"] == "shop-origin"
     assert decision["decision"]["policy_version"].startswith("sha256:")
-    assert decision["identity"] == TierCerts.IDENTITY
+    assert decision["client"]["identity"] == TierCerts.IDENTITY
     assert decision["upstream"]["dialed"].endswith(f":{tcp_origin.port}")
     assert close["policy_version"] == decision["decision"]["policy_version"]
     # The sidecar minted the conn_id; the DMZ's records carry the same one.

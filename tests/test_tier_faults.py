@@ -272,7 +272,7 @@ def silent(request: pytest.FixtureRequest, tier_certs: TierCerts) -> Iterator[Si
         yield server
 
 
-def test_silent_dmz_is_a_503_connect_timeout(
+def test_silent_dmz_is_a_504_connect_timeout(
     pyegress: PyegressFactory,
     tier_certs: TierCerts,
     tcp_origin: TcpOrigin,
@@ -283,11 +283,11 @@ def test_silent_dmz_is_a_503_connect_timeout(
     sock, status = _open(sidecar, tcp_origin)
     elapsed = time.monotonic() - started
     sock.close()
-    assert status == 503, _tail(sidecar)
-    assert elapsed < 3, f"503 only after {elapsed:.1f}s"
+    assert status == 504, _tail(sidecar)
+    assert elapsed < 3, f"504 only after {elapsed:.1f}s"
     record = sidecar.record(target=_target(tcp_origin))
     assert record["reason"] == "connect_timeout", record
-    assert record["status"] == 503
+    assert record["status"] == 504
     assert silent.accepted >= 1
     if silent.tls is not None:
         # The handshake was done: it is the missing SETTINGS that timed out.
@@ -346,10 +346,10 @@ def test_refused_client_certificate(
 
     sock, status = _open(bad, tcp_origin)
     sock.close()
-    assert status == 503, _tail(bad, dmz)
+    assert status == 502, _tail(bad, dmz)
     record = bad.record(target=_target(tcp_origin))
     assert record["reason"] in DIAL_FAILURES, record
-    assert record["status"] == 503
+    assert record["status"] == 502
 
     # The refusal is logged with its reason (the readiness probe's bare TCP connect
     # leaves a record of its own, without a certificate reason).
@@ -364,7 +364,14 @@ def test_refused_client_certificate(
     failure = refusals()[0]
     assert str(failure.get("peer", "")).startswith("127.0.0.1:"), failure
     assert failure.get("error"), failure
-    assert not dmz.records("tunnel_closed"), "no tunnel may reach the DMZ's handler"
+    # No tunnel reached the DMZ's handler; each refused handshake is one refused
+    # tunnel in the audit trail: a client_auth decision and an auth_failed close.
+    closes = dmz.records("tunnel_closed")
+    assert closes
+    assert all(r["reason"] == "auth_failed" for r in closes), closes
+    decisions = dmz.records("decision")
+    assert {d["decision"]["reason"] for d in decisions} == {"client_auth"}, decisions
+    assert sorted(d["conn_id"] for d in decisions) == sorted(c["conn_id"] for c in closes)
 
     # The DMZ keeps serving a correctly configured sidecar.
     good = _sidecar(pyegress, tier_certs, [_port(dmz)], "timeout=3")
@@ -533,7 +540,7 @@ def test_sidecar_reconnects_to_a_restarted_dmz(
     dmz.proc.wait(5)
     sock, status = _open(sidecar, tcp_origin)
     sock.close()
-    assert status == 503
+    assert status == 502
     down = sidecar.matching(2)[-1]
     assert down["reason"] in DIAL_FAILURES, down
 

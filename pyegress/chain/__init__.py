@@ -137,6 +137,47 @@ class Chain:
     def unverified(self) -> list[str]:
         return [hop.node.redacted() for hop in self.hops if hop.unverified_tls]
 
+    def _h2_nodes(self) -> list[H2Node]:
+        return [m.h2 for hop in self.hops for m in hop.members if m.h2 is not None]
+
+    def link_states(self) -> tuple[int, int, int]:
+        """Tier links (h2 members) up, connecting and down."""
+        states = [node.state() for node in self._h2_nodes()]
+        return states.count("up"), states.count("connecting"), states.count("down")
+
+    async def warm(self) -> None:
+        """Keep one tier link up: when no member of the h2 hop has one, try the members
+        in the hop's own order until one connects (bounded by their timeouts)."""
+        if self.cut < 0:
+            return
+        hop = self.hops[self.cut]
+        if any(m.h2 is not None and m.h2.state() != "down" for m in hop.members):
+            return
+        for member in hop.candidates():
+            if member.h2 is not None:
+                await member.h2.warm()
+                if member.h2.state() == "up":
+                    return
+
+    def new_tls_contexts(self) -> list[tuple[Member, ClientTLS]]:
+        """Client TLS contexts read afresh from every TLS hop's files (for a reload)."""
+        out: list[tuple[Member, ClientTLS]] = []
+        for hop in self.hops:
+            for member in hop.members:
+                if member.h2 is not None and member.h2.tls is not None:
+                    out.append((member, client_context(member.node, ["h2"])))
+                elif member.tls is not None:
+                    out.append((member, client_context(member.node, None)))
+        return out
+
+    def set_tls_contexts(self, contexts: list[tuple[Member, ClientTLS]]) -> None:
+        """New connections use the new contexts; open links keep theirs."""
+        for member, ctx in contexts:
+            if member.h2 is not None:
+                member.h2.tls = ctx
+            else:
+                member.tls = ctx
+
     def close(self) -> None:
         for hop in self.hops:
             for member in hop.members:

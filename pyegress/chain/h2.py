@@ -246,6 +246,26 @@ class H2Node:
                     self.on_failure()
                 return
 
+    def state(self) -> str:
+        """``up`` (a link can take streams), ``connecting`` or ``down``."""
+        if self._usable_link() is not None:
+            return "up"
+        return "connecting" if self._connecting is not None else "down"
+
+    async def warm(self) -> None:
+        """Make sure one link is up (a no-op when one is; errors are the link's state)."""
+        if self._usable_link() is not None or self._connecting is not None:
+            return
+        loop = asyncio.get_running_loop()
+        if self._last_error is not None and loop.time() < self._retry_at:
+            return
+        try:
+            await self._connect_shared()
+        except PyegressError:
+            # A failed warm-up is no reason to fail the next tunnel fast: it tries itself.
+            self._last_error = None
+            self._retry_at = 0.0
+
     def close(self) -> None:
         for link in list(self.links):
             link.close("shutdown")

@@ -120,6 +120,8 @@ _PARAM_ALIASES = {
     "dnstimeout": "dns_timeout",
     "dns_timeout": "dns_timeout",
     "max_streams": "max_streams",
+    "max_lifetime": "max_lifetime",
+    "maxlifetime": "max_lifetime",
 }
 _V3_PREFIXES = ("service.", "handler.", "listener.", "node.", "connector.", "dialer.", "hop.")
 

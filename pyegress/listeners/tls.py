@@ -46,10 +46,12 @@ class TlsServer:
         log: Logger,
     ) -> None:
         self._factory = factory
-        self._context = context
+        self.context = context
         self._timeout = handshake_timeout
         self._log = log
         self.sockets: list[socket.socket] = []
+        # Told of every handshake: (peer, the error or None, whether it was a quiet probe).
+        self.on_result: Callable[[Any, BaseException | None, bool], None] | None = None
         self._accepting: list[asyncio.Task[None]] = []
         self._handshakes: set[asyncio.Task[None]] = set()
 
@@ -82,9 +84,11 @@ class TlsServer:
             await loop.connect_accepted_socket(
                 self._factory,
                 conn,
-                ssl=self._context,
+                ssl=self.context,
                 ssl_handshake_timeout=self._timeout,
             )
+            if self.on_result is not None:
+                self.on_result(peer, None, False)
         except (OSError, TimeoutError, ssl.SSLError) as exc:
             reason = getattr(exc, "reason", None) or type(exc).__name__
             # A peer that hangs up before its ClientHello (a TCP probe) is not a refusal.
@@ -100,6 +104,8 @@ class TlsServer:
             )
             with suppress(OSError):
                 conn.close()
+            if self.on_result is not None:
+                self.on_result(peer, exc, quiet)
 
     def close(self) -> None:
         for task in self._accepting:

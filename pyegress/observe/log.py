@@ -1,51 +1,64 @@
-"""structlog set up for JSON lines on stdout.
+"""structlog set up for JSON lines, written through the bounded output queue.
 
-One line per event; tunnel close records are the main traffic. Credentials never reach
+One line per event. Log lines and audit records share the non-blocking writer of
+``observe/audit.py`` (audit records may go to their own file). Credentials never reach
 a log call: node URLs are logged through ``Node.redacted()`` and request headers are
 never logged.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import sys
 from typing import Any, TextIO
 
 import structlog
 
+from pyegress.observe.audit import (
+    DEFAULT_BACKUPS,
+    DEFAULT_MAX_BYTES,
+    LineSink,
+    Output,
+    RotatingFileSink,
+    StreamSink,
+)
+
 Logger = Any  # structlog's filtering bound logger; its type is generated at runtime.
 
+_output: Output | None = None
 
-class LineWriter:
-    """A structlog logger that writes each line at once and flushes once per event-loop
-    iteration: every record reaches the stream within that iteration, and a burst of
-    tunnel records costs one flush instead of one each."""
 
-    def __init__(self, stream: TextIO) -> None:
-        self._stream = stream
-        self._flush_scheduled = False
+class _QueueWriter:
+    """A structlog logger that hands each finished line to the output queue."""
+
+    def __init__(self, sink: LineSink) -> None:
+        self._sink = sink
 
     def msg(self, message: str) -> None:
-        self._stream.write(message + "\n")
-        if self._flush_scheduled:
-            return
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            self._stream.flush()
-            return
-        self._flush_scheduled = True
-        loop.call_soon(self._flush)
-
-    def _flush(self) -> None:
-        self._flush_scheduled = False
-        self._stream.flush()
+        self._sink.put("log", message)
 
     debug = info = warning = warn = error = critical = exception = fatal = msg
 
 
-def configure(debug: bool = False, stream: TextIO | None = None) -> None:
+def configure(
+    debug: bool = False,
+    stream: TextIO | None = None,
+    audit_file: str | None = None,
+    audit_max_bytes: int = DEFAULT_MAX_BYTES,
+    audit_backups: int = DEFAULT_BACKUPS,
+) -> Output:
+    """Set up logging and the audit output; returns the output (see :func:`output`)."""
+    global _output
+    from pyegress.observe import metrics
+
+    logs = LineSink(StreamSink(stream or sys.stdout))
+    audit = None
+    if audit_file is not None:
+        audit = LineSink(RotatingFileSink(audit_file, audit_max_bytes, audit_backups))
+    _output = Output(logs, audit)
+    for sink in {id(s): s for s in (logs, _output.audit)}.values():
+        sink.on_written = _count_written
+        sink.on_dropped = metrics.audit_dropped
     level = logging.DEBUG if debug else logging.INFO
     structlog.configure(
         processors=[
@@ -54,13 +67,36 @@ def configure(debug: bool = False, stream: TextIO | None = None) -> None:
             structlog.processors.JSONRenderer(),
         ],
         wrapper_class=structlog.make_filtering_bound_logger(level),
-        logger_factory=_factory(LineWriter(stream or sys.stdout)),
+        logger_factory=_factory(_QueueWriter(logs)),
         cache_logger_on_first_use=True,
     )
+    return _output
 
 
-def _factory(writer: LineWriter) -> Any:
-    def factory(*_args: Any) -> LineWriter:
+def output() -> Output:
+    """The configured output (a stdout one when :func:`configure` was not called)."""
+    global _output
+    if _output is None:
+        _output = Output(LineSink(StreamSink(sys.stdout)))
+    return _output
+
+
+def close() -> None:
+    global _output
+    if _output is not None:
+        _output.close()
+        _output = None
+
+
+def _count_written(event: str) -> None:
+    if event != "log":  # log lines are not audit events
+        from pyegress.observe import metrics
+
+        metrics.audit_event(event)
+
+
+def _factory(writer: _QueueWriter) -> Any:
+    def factory(*_args: Any) -> _QueueWriter:
         return writer
 
     return factory

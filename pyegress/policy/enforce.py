@@ -9,15 +9,18 @@ decision record is filled in; the service writes it.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from pyegress.errors import Denied, LocalProtocolError, PyegressError
+from pyegress.observe import metrics
 from pyegress.policy.literals import canonical, parse_host_literal
 from pyegress.policy.patterns import normalize_name
 from pyegress.policy.resolve import Address, pin, resolve
 from pyegress.policy.rules import Decision, Policy, Request
+from pyegress.protocols.addresses import join_host_port
+from pyegress.tunnel import decision_fields
 
 
 class PolicyDenied(Denied):
@@ -42,14 +45,8 @@ class Route:
 def _decision_fields(
     policy: Policy, decision: Decision | None, action: str, reason: str, detail: str
 ) -> dict[str, Any]:
-    return {
-        "action": action,
-        "would_deny": action == "report",
-        "reason": reason,
-        "rule_id": decision.rule_id if decision is not None else None,
-        "policy_version": policy.version,
-        "detail": detail[:512],
-    }
+    rule_id = decision.rule_id if decision is not None else None
+    return decision_fields(action, reason, rule_id, policy.version, detail)
 
 
 async def judge(
@@ -62,8 +59,13 @@ async def judge(
     dns_timeout: float,
     self_endpoints: Iterable[tuple[Address, int]],
     have_proxy: bool,
+    answers: Sequence[Address] | None = None,
 ) -> Route:
-    """Decide, resolve and pin; fill ``record`` (the decision record) on every path."""
+    """Decide, resolve and pin; fill ``record`` (the decision record) on every path.
+
+    ``answers``, when given, stand in for resolving a name (``policy replay`` passes the
+    answers an audit record kept); a literal host and a route through the proxy ignore it.
+    """
     try:
         literal = parse_host_literal(host)
     except LocalProtocolError as exc:
@@ -91,16 +93,22 @@ async def judge(
         record["upstream"] = {"via": "proxy"}
         return Route(name, port, True)
     try:
-        answers = (literal,) if literal is not None else await resolve(name, port, dns_timeout)
+        if literal is not None:
+            answers = (literal,)
+        elif answers is None:
+            answers = await resolve(name, port, dns_timeout)
     except PyegressError as exc:
         reason = "dns_timeout" if exc.close_reason == "dns_timeout" else "dns_error"
         record["decision"] = _decision_fields(policy, decision, "deny", reason, str(exc))
+        record["dns"] = {"answers": [], "rejected": [], "result": getattr(exc, "result", "error")}
         raise
     pinned = pin(answers, port, decision.private, self_endpoints)
     record["dns"] = {
         "answers": [canonical(a) for a in pinned.answers],
         "rejected": [{"ip": canonical(v.address), "class": v.category} for v in pinned.rejected],
     }
+    for verdict in pinned.rejected:
+        metrics.address_denied(verdict.category or "reserved")
     refusal = pinned.refusal
     if refusal is not None or pinned.address is None:
         reason = refusal or "dns_error"
@@ -115,7 +123,10 @@ async def judge(
         policy, decision, decision.action, decision.reason, decision.detail
     )
     dialed = canonical(pinned.address)
-    record["upstream"] = {"via": "proxy" if via_proxy else "direct", "dialed": f"{dialed}:{port}"}
+    record["upstream"] = {
+        "via": "proxy" if via_proxy else "direct",
+        "dialed": join_host_port(dialed, port),
+    }
     return Route(dialed, port, via_proxy)
 
 
@@ -126,19 +137,11 @@ _FALLBACK_REASONS = {
     "auth_failed": "client_auth",
     "unsupported": "protocol_not_allowed",
     "drain": "draining",
+    "limit_exceeded": "limit_exceeded",
 }
 
 
 def policy_fallback(t: Any) -> dict[str, Any]:
-    """The decision record of a tunnel that ended before it was judged."""
+    """The decision of a tunnel that ended before it was judged."""
     reason = _FALLBACK_REASONS.get(t.reason or "", "malformed_request")
-    return {
-        "decision": {
-            "action": "deny",
-            "would_deny": False,
-            "reason": reason,
-            "rule_id": None,
-            "policy_version": t.policy_version,
-            "detail": (t.error or t.reason or "")[:512],
-        }
-    }
+    return decision_fields("deny", reason, None, t.policy_version, t.error or t.reason or "")

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import re
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Literal, NoReturn
 
@@ -23,6 +24,8 @@ import yaml
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from pyegress.errors import ConfigError
+from pyegress.limits import LimitSpec
+from pyegress.policy.inspect import TlsSettings
 from pyegress.policy.patterns import (
     ANY_PORT,
     Pattern,
@@ -43,9 +46,17 @@ _YAML_LOADER: type[yaml.SafeLoader] = getattr(yaml, "CSafeLoader", yaml.SafeLoad
 _TAG_STR = "tag:yaml.org,2002:str"
 _TAG_INT = "tag:yaml.org,2002:int"
 _TAG_BOOL = "tag:yaml.org,2002:bool"
+_TAG_FLOAT = "tag:yaml.org,2002:float"
+_DURATION = re.compile(r"(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s)?")
 
-_TOP_KEYS = ("version", "default", "groups", "rules")
-_RULE_KEYS = ("id", "allow", "deny", "ports", "identities", "report", "route", "private")
+_TOP_KEYS = ("version", "default", "groups", "rules", "tls", "limits")
+_RULE_KEYS = (
+    "id", "allow", "deny", "ports", "identities", "report", "route", "private", "protocol",
+)  # fmt: skip
+_TLS_KEYS = ("sni", "missing_sni", "ech", "require_tls_ports", "host_check", "sniff_timeout")
+_LIMIT_KEYS = ("max_tunnels", "max_tunnels_per_identity", "rate_per_identity", "max_lifetime")
+_SNI_MODES = ("strict", "identity", "log", "off")
+_PROTOCOLS = ("tls", "tcp")
 _DEFAULTS: tuple[Default, ...] = ("deny", "allow", "report")
 _ROUTES: tuple[Route, ...] = ("direct", "proxy")
 
@@ -221,6 +232,7 @@ def _rule(
     node: Node,
     groups: dict[str, frozenset[str]],
     seen_ids: dict[str, int],
+    tcp_rules: set[str],
 ) -> Rule:
     fields = reader.mapping(node, "a rule", _RULE_KEYS)
     if "id" not in fields:
@@ -272,6 +284,15 @@ def _rule(
         if action != "allow":
             reader.fail(key, "private applies to allow rules")
         private = _private(reader, value)
+    if "protocol" in fields:
+        key, value = fields["protocol"]
+        if action != "allow":
+            reader.fail(key, "protocol applies to allow rules")
+        text = reader.string(value, "protocol")
+        if text not in _PROTOCOLS:
+            reader.fail(value, f"invalid protocol {_show(text)} (tls or tcp)")
+        if text == "tcp":
+            tcp_rules.add(rule_id)
     return Rule(
         id=rule_id,
         action=action,
@@ -327,11 +348,85 @@ def _build(text: str, source: str, version: str) -> Policy:
         reader.fail(root, "missing 'rules:' (write 'rules: []' for none)")
     rules_node = top["rules"][1]
     seen_ids: dict[str, int] = {}
+    tcp_rules: set[str] = set()
     rules = [
-        _rule(reader, item, groups, seen_ids)
+        _rule(reader, item, groups, seen_ids, tcp_rules)
         for item in reader.sequence(rules_node, "rules", "[{id: x, allow: [example.com]}]")
     ]
-    return Policy(rules, default=default, version=version)
+    tls = _tls(reader, top["tls"][1]) if "tls" in top else None
+    limits = _limits(reader, top["limits"][1]) if "limits" in top else None
+    return Policy(
+        rules,
+        default=default,
+        version=version,
+        tls=tls,
+        limits=limits,
+        tcp_rules=frozenset(tcp_rules),
+        groups=groups,
+    )
+
+
+def _choice(reader: _Reader, node: Node, what: str, choices: tuple[str, ...]) -> str:
+    text = reader.string(node, what)
+    if text not in choices:
+        reader.fail(node, f"invalid {what} {_show(text)} ({' | '.join(choices)})")
+    return text
+
+
+def _number(reader: _Reader, node: Node, what: str, minimum: float) -> float:
+    if not (isinstance(node, ScalarNode) and node.tag in (_TAG_INT, _TAG_FLOAT)):
+        reader.fail(node, f"{what} must be a number, got {_kind(node)}")
+    value = float(node.value)
+    if not value >= minimum or value != value or value == float("inf"):
+        reader.fail(node, f"{what} must be at least {minimum:g}, got {node.value}")
+    return value
+
+
+def _duration(reader: _Reader, node: Node, what: str) -> float:
+    """Seconds as a number, or gost-style text: 30s, 5m, 2h, 1h30m."""
+    if isinstance(node, ScalarNode) and node.tag == _TAG_STR:
+        match = _DURATION.fullmatch(node.value.strip())
+        if match is None or not any(match.groups()):
+            reader.fail(node, f"invalid {what} {_show(node.value)} (e.g. 30s, 5m, 24h)")
+        hours, minutes, seconds = (float(g) if g else 0.0 for g in match.groups())
+        return hours * 3600 + minutes * 60 + seconds
+    return _number(reader, node, what, 0)
+
+
+def _tls(reader: _Reader, node: Node) -> TlsSettings:
+    fields = reader.mapping(node, "tls", _TLS_KEYS)
+    settings = TlsSettings()
+    values: dict[str, object] = {}
+    if "sni" in fields:
+        values["sni"] = _choice(reader, fields["sni"][1], "sni", _SNI_MODES)
+    for key in ("missing_sni", "ech"):
+        if key in fields:
+            values[key] = _choice(reader, fields[key][1], key, ("deny", "allow"))
+    if "require_tls_ports" in fields:
+        ports = _ports(reader, fields["require_tls_ports"][1])
+        values["require_tls_ports"] = frozenset(
+            p for lo, hi in ports.ranges for p in range(lo, hi + 1)
+        )
+    if "host_check" in fields:
+        values["host_check"] = reader.boolean(fields["host_check"][1], "host_check")
+    if "sniff_timeout" in fields:
+        values["sniff_timeout"] = _duration(reader, fields["sniff_timeout"][1], "sniff_timeout")
+    return replace(settings, **values)  # type: ignore[arg-type]
+
+
+def _limits(reader: _Reader, node: Node) -> LimitSpec:
+    fields = reader.mapping(node, "limits", _LIMIT_KEYS)
+    values: dict[str, float | int | None] = {}
+    for key in ("max_tunnels", "max_tunnels_per_identity"):
+        if key in fields:
+            values[key] = int(_number(reader, fields[key][1], key, 1))
+    if "rate_per_identity" in fields:
+        values["rate_per_identity"] = _number(
+            reader, fields["rate_per_identity"][1], "rate_per_identity", 0.001
+        )
+    if "max_lifetime" in fields:
+        values["max_lifetime"] = _duration(reader, fields["max_lifetime"][1], "max_lifetime")
+    return LimitSpec(**values)  # type: ignore[arg-type]
 
 
 def parse_policy(text: str, source: str = "<string>") -> Policy:

@@ -24,6 +24,7 @@ Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 class ResolveTimeout(ResolveError):
     close_reason = "dns_timeout"
     http_status = 504
+    result = "timeout"
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,18 +50,36 @@ class Pinned:
         return f"resolved_{category}"
 
 
+_GAI_RESULTS = {
+    socket.EAI_NONAME: "nxdomain",
+    socket.EAI_AGAIN: "servfail",
+    getattr(socket, "EAI_NODATA", -5): "nodata",
+}
+
+
 async def resolve(host: str, port: int, timeout: float) -> tuple[Address, ...]:
     """Look ``host`` up once (A and AAAA, in the system resolver's order)."""
+    from pyegress.observe import metrics
+
     loop = asyncio.get_running_loop()
+    started = loop.time()
+    result = "ok"
     try:
         async with asyncio.timeout(timeout):
             infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except TimeoutError:
+        result = "timeout"
         raise ResolveTimeout(f"resolving {host}: no answer within {timeout:g}s") from None
     except OSError as exc:
-        raise ResolveError(f"resolving {host}: {exc.strerror or exc}") from None
+        result = _GAI_RESULTS.get(exc.errno or 0, "error")
+        error = ResolveError(f"resolving {host}: {result}: {exc.strerror or exc}")
+        error.result = result
+        raise error from None
     except ValueError as exc:  # e.g. UnicodeError: a label over 63 octets
+        result = "error"
         raise ResolveError(f"resolving {host}: bad name: {exc}") from None
+    finally:
+        metrics.resolver_lookup("error" if result == "nodata" else result, loop.time() - started)
     seen: list[Address] = []
     for _family, _type, _proto, _canon, sockaddr in infos:
         address = ipaddress.ip_address(str(sockaddr[0]).split("%", 1)[0])

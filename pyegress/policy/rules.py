@@ -30,7 +30,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv6Address
-from typing import Final, Literal
+from typing import TYPE_CHECKING, Final, Literal
 
 from pyegress.errors import LocalProtocolError
 from pyegress.policy.literals import parse_host_literal
@@ -43,6 +43,10 @@ from pyegress.policy.patterns import (
     unmap,
 )
 from pyegress.policy.special import CGNAT, LINK_LOCAL, LOOPBACK, PRIVATE, SITE_LOCAL, ULA
+
+if TYPE_CHECKING:
+    from pyegress.limits import LimitSpec
+    from pyegress.policy.inspect import TlsSettings
 
 __all__ = [
     "PRIVATE_CATEGORIES",
@@ -208,7 +212,11 @@ class Policy:
         "_suffix",
         "default",
         "default_route",
+        "groups",
+        "limits",
         "rules",
+        "tcp_rules",
+        "tls",
         "version",
     )
 
@@ -219,8 +227,19 @@ class Policy:
         default: Default = "deny",
         version: str = "",
         default_route: Route = "direct",
+        tls: TlsSettings | None = None,
+        limits: LimitSpec | None = None,
+        tcp_rules: frozenset[str] = frozenset(),
+        groups: dict[str, frozenset[str]] | None = None,
     ) -> None:
+        from pyegress.limits import LimitSpec
+        from pyegress.policy.inspect import TlsSettings
+
         self.rules: tuple[Rule, ...] = tuple(rules)
+        self.tls: TlsSettings = tls if tls is not None else TlsSettings()
+        self.limits: LimitSpec = limits if limits is not None else LimitSpec()
+        self.tcp_rules = tcp_rules  # rules marked "protocol: tcp" (no TLS required)
+        self.groups: dict[str, frozenset[str]] = dict(groups or {})
         self.default: Default = default
         self.version = version
         self.default_route: Route = default_route
@@ -248,6 +267,18 @@ class Policy:
                     self._ip4.add(entry)
                 else:
                     self._ip6.add(entry)
+
+    def group_of(self, identity: str) -> str | None:
+        """The first group (in file order) that lists ``identity``."""
+        for name, members in self.groups.items():
+            if identity in members:
+                return name
+        return None
+
+    def tcp_allowed(self, rule_id: str | None) -> bool:
+        """May a tunnel judged by ``rule_id`` carry something other than TLS on a port
+        that requires TLS?"""
+        return rule_id is not None and rule_id in self.tcp_rules
 
     def __repr__(self) -> str:
         return f"<Policy {self.version or '(unversioned)'} rules={len(self.rules)}>"

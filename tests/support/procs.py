@@ -79,6 +79,10 @@ class Pyegress(Process):
         )
 
     def records(self, event: str | None = None) -> list[dict[str, Any]]:
+        """JSON lines of the output; ``tunnel_closed`` asks for audit ``close`` records,
+        each with a flat view added (see :func:`flat_close`)."""
+        if event == "tunnel_closed":
+            event = "close"
         out = []
         for line in self.output().splitlines():
             line = line.strip()
@@ -89,6 +93,8 @@ class Pyegress(Process):
             except ValueError:
                 continue
             if event is None or record.get("event") == event:
+                if record.get("event") == "close" and "schema" in record:
+                    record = flat_close(record)
                 out.append(record)
         return out
 
@@ -125,6 +131,39 @@ class Pyegress(Process):
             if len(found) >= count or time.monotonic() > deadline:
                 return found
             time.sleep(0.02)
+
+
+def flat_close(record: dict[str, Any]) -> dict[str, Any]:
+    """An audit ``close`` record (docs/audit.md) with the flat keys tests match on added:
+    ``reason``, ``status``, ``error``, ``target``, ``bytes_up``/``bytes_down``, ``client``
+    (addr:port), ``identity``, ``user``, ``decision`` stays the nested object."""
+    out = dict(record)
+    result = record.get("result") or {}
+    requested = record.get("requested") or {}
+    client = record.get("client") or {}
+    counts = record.get("bytes") or {}
+    out["reason"] = result.get("close_reason")
+    if result.get("client_reply") is not None:
+        out["status"] = result["client_reply"]
+    if result.get("error") is not None:
+        out["error"] = result["error"]
+    host = requested.get("host")
+    if host:
+        shown = f"[{host}]" if ":" in host else host
+        out["target"] = f"{shown}:{requested.get('port')}"
+    else:
+        out["target"] = ""
+    out["bytes_up"] = counts.get("from_client", 0)
+    out["bytes_down"] = counts.get("to_client", 0)
+    addr = client.get("addr")
+    out["client"] = (f"[{addr}]" if ":" in addr else addr) + f":{client['port']}" if addr else ""
+    for key in ("identity", "user"):
+        if client.get(key) is not None:
+            out[key] = client[key]
+    decision = record.get("decision") or {}
+    if decision.get("policy_version") is not None:
+        out["policy_version"] = decision["policy_version"]
+    return out
 
 
 def have(program: str) -> bool:

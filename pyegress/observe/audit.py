@@ -1,0 +1,220 @@
+"""The output path for audit records and log lines: bounded, non-blocking, counted.
+
+Everything this process writes as JSON lines goes through one :class:`LineSink`: the
+event loop only appends a finished line to a bounded queue; a writer thread does the
+blocking writes. When the queue is full the line is dropped and counted (per event), and
+the count is reported in an ``audit_dropped`` line once the sink has room again, so a
+slow disk or a stalled stdout pipe never stops a tunnel and never loses a record
+silently.
+
+Sinks: a text stream (stdout) and a file rotated by size (``path``, ``path.1`` … ).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Protocol, TextIO
+
+DEFAULT_CAPACITY = 100_000
+DEFAULT_MAX_BYTES = 100 * 1024 * 1024
+DEFAULT_BACKUPS = 5
+
+# Wall time anchored once to the monotonic clock: record times never jump backwards
+# when the system clock is stepped.
+_WALL_ANCHOR = time.time() - time.monotonic()
+
+
+def wall_time(monotonic: float | None = None) -> float:
+    return _WALL_ANCHOR + (time.monotonic() if monotonic is None else monotonic)
+
+
+def iso_time(monotonic: float | None = None) -> str:
+    """UTC, microseconds, ``Z`` suffix."""
+    moment = datetime.fromtimestamp(wall_time(monotonic), UTC)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def cap(text: str | None, limit: int) -> str | None:
+    """Attacker-controlled text, capped (JSON encoding escapes control characters)."""
+    if text is None:
+        return None
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+class Sink(Protocol):
+    def write(self, text: str) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class StreamSink:
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> None:
+        self._stream.write(text)
+        self._stream.flush()
+
+    def close(self) -> None:
+        self._stream.flush()
+
+
+class RotatingFileSink:
+    """Append to ``path``; before a write would pass ``max_bytes``, shift ``path`` to
+    ``path.1`` (``path.1`` to ``path.2`` …) keeping ``backups`` old files."""
+
+    def __init__(self, path: str | Path, max_bytes: int, backups: int) -> None:
+        self.path = Path(path)
+        self.max_bytes = max(1, max_bytes)
+        self.backups = max(0, backups)
+        self._file = open(self.path, "a", encoding="ascii")  # noqa: SIM115 - closed in close()
+        self._size = self._file.tell()
+
+    def write(self, text: str) -> None:
+        if self._size + len(text) <= self.max_bytes:  # ASCII: characters are bytes
+            self._append(text)
+        else:  # a batch that crosses the limit: rotate between its lines
+            for line in text.splitlines(keepends=True):
+                if self._size and self._size + len(line) > self.max_bytes:
+                    self._file.flush()
+                    self._rotate()
+                self._append(line)
+        self._file.flush()
+
+    def _append(self, text: str) -> None:
+        self._file.write(text)
+        self._size += len(text)
+
+    def _rotate(self) -> None:
+        self._file.close()
+        if self.backups == 0:
+            self.path.unlink(missing_ok=True)
+        else:
+            for index in range(self.backups - 1, 0, -1):
+                older = self.path.with_name(f"{self.path.name}.{index}")
+                if older.exists():
+                    os.replace(older, self.path.with_name(f"{self.path.name}.{index + 1}"))
+            os.replace(self.path, self.path.with_name(f"{self.path.name}.1"))
+        self._file = open(self.path, "a", encoding="ascii")  # noqa: SIM115
+        self._size = 0
+
+    def close(self) -> None:
+        self._file.close()
+
+
+Counter = Callable[[str], None]
+
+
+def _ignore(_event: str) -> None:
+    return None
+
+
+class LineSink:
+    """A bounded queue of finished lines, drained by one writer thread."""
+
+    def __init__(
+        self,
+        sink: Sink,
+        capacity: int = DEFAULT_CAPACITY,
+        on_written: Counter = _ignore,
+        on_dropped: Counter = _ignore,
+    ) -> None:
+        self._sink = sink
+        self._capacity = capacity
+        self._lines: deque[tuple[str, str]] = deque()
+        self._wake = threading.Event()
+        self._closing = False
+        self._dropped: dict[str, int] = {}
+        self._dropped_total = 0
+        self._reported_drops = 0
+        self.on_written = on_written
+        self.on_dropped = on_dropped
+        self._thread = threading.Thread(target=self._run, name="pyegress-writer", daemon=True)
+        self._thread.start()
+
+    @property
+    def dropped(self) -> int:
+        return self._dropped_total
+
+    def put(self, event: str, line: str) -> bool:
+        """Queue one line (no trailing newline); False when it was dropped."""
+        if len(self._lines) >= self._capacity or self._closing:
+            self._dropped[event] = self._dropped.get(event, 0) + 1
+            self._dropped_total += 1
+            self.on_dropped(event)
+            return False
+        self._lines.append((event, line))
+        if not self._wake.is_set():
+            self._wake.set()
+        return True
+
+    def _run(self) -> None:
+        while True:
+            self._wake.wait()
+            self._wake.clear()
+            while self._lines:
+                batch: list[str] = []
+                events: list[str] = []
+                while self._lines and len(batch) < 512:
+                    event, line = self._lines.popleft()
+                    batch.append(line)
+                    events.append(event)
+                if self._dropped_total != self._reported_drops:
+                    self._reported_drops = self._dropped_total
+                    batch.append(self._drop_line())
+                self._emit("\n".join(batch) + "\n")
+                for event in events:
+                    self.on_written(event)
+            if self._closing:
+                return
+
+    def _drop_line(self) -> str:
+        return json.dumps(
+            {
+                "event": "audit_dropped",
+                "level": "error",
+                "ts": iso_time(),
+                "dropped_total": self._dropped_total,
+                "dropped_by_event": dict(self._dropped),
+            }
+        )
+
+    def _emit(self, text: str) -> None:
+        try:
+            self._sink.write(text)
+        except (OSError, ValueError) as exc:  # a closed or broken sink: say so once
+            print(f"pyegress: audit sink failed: {exc}", file=sys.stderr)
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Write what is queued (up to ``timeout``), then stop the thread."""
+        self._closing = True
+        self._wake.set()
+        self._thread.join(timeout)
+        self._sink.close()
+
+
+class Output:
+    """Where records and log lines go: ``log`` lines always to ``logs``; audit records
+    to ``audit`` (the same sink unless an audit file is configured)."""
+
+    def __init__(self, logs: LineSink, audit: LineSink | None = None) -> None:
+        self.logs = logs
+        self.audit = audit or logs
+
+    def record(self, record: dict[str, Any]) -> bool:
+        event = str(record.get("event", "audit"))
+        line = json.dumps(record, ensure_ascii=True, separators=(",", ":"), default=str)
+        return self.audit.put(event, line)
+
+    def close(self) -> None:
+        if self.audit is not self.logs:
+            self.audit.close()
+        self.logs.close()
