@@ -303,7 +303,7 @@ CLASSES = [
     ("100.127.255.254", "resolved_cgnat"),
     ("224.0.0.1", "resolved_multicast"),
     ("240.0.0.1", "resolved_reserved"),
-    ("255.255.255.255", "resolved_reserved"),
+    ("255.255.255.255", "resolved_broadcast"),
     ("::1", "resolved_loopback"),
     ("::", "resolved_unspecified"),
     ("fe80::1", "resolved_link_local"),
