@@ -305,6 +305,46 @@ def _pyegress_h2(tls: bool) -> Callable[[Ctx], Plan]:
     return build
 
 
+def _policy_text(rules: int) -> str:
+    """A DMZ policy with ``rules`` rules of every kind (exact names, wildcards, apex
+    suffixes, CIDRs, per-identity, deny rules) before the one rule that admits the bench
+    origin on loopback: each tunnel is judged against all of them."""
+    # host_check off: the load generator's payload is one byte ("e"), which a Host check
+    # would hold for tls.sniff_timeout to learn whether an HTTP request line follows.
+    lines = ["version: 1", "default: deny", "tls: {host_check: false}", "groups:"]
+    lines.append("  bench: [spiffe://bench/ns/a/sa/b]")
+    lines.append("rules:")
+    for i in range(rules):
+        kind = i % 5
+        if kind == 0:
+            body = f"allow: [api{i}.svc{i % 97}.example.com]"
+        elif kind == 1:
+            body = f'allow: ["*.team{i}.corp.example"]\n    ports: [443, 8443]'
+        elif kind == 2:
+            body = f'allow: [".pkg{i}.example.org"]\n    identities: [bench]'
+        elif kind == 3:
+            body = f'allow: ["93.{i // 250}.{i % 250}.0/24"]\n    ports: ["8000-8999"]'
+        else:
+            body = f'deny: ["blocked{i}.example.net", "10.{i % 250}.{i // 250}.0/24"]'
+        lines.append(f"  - id: r{i}\n    {body}")
+    lines.append('  - id: bench-origin\n    allow: ["127.0.0.1"]\n    ports: ["1-65535"]')
+    lines.append("    private: [loopback]")
+    return "\n".join(lines) + "\n"
+
+
+def _pyegress_policy(rules: int) -> Callable[[Ctx], Plan]:
+    """pyegress as the DMZ's judge, single tier: ``-L http:// -C policy.yaml`` with
+    ``rules`` rules ahead of the one that matches (the 1,000-rule target of issue 4)."""
+
+    def build(ctx: Ctx) -> Plan:
+        port = ctx.port()
+        policy = ctx.write(f"policy-{rules}.yaml", _policy_text(rules))
+        argv = _py("-m", "pyegress", "-L", f"http://{HOST}:{port}", "-C", str(policy))
+        return Plan([Proc("pyegress", argv, port)], port)
+
+    return build
+
+
 SUBJECTS: dict[str, Subject] = {
     s.name: s
     for s in [
@@ -352,6 +392,18 @@ SUBJECTS: dict[str, Subject] = {
             "socks5",
             "microsocks (C, thread per connection)",
             _single("microsocks", lambda p: ["/usr/bin/microsocks", "-i", HOST, "-p", str(p)]),
+        ),
+        Subject(
+            "pyegress-policy-1",
+            "http",
+            "pyegress -L http:// -C policy (1 rule: the origin's)",
+            _pyegress_policy(0),
+        ),
+        Subject(
+            "pyegress-policy-1000",
+            "http",
+            "pyegress -L http:// -C policy (1,000 rules, then the origin's)",
+            _pyegress_policy(1000),
         ),
         # Two-tier subjects (sidecar -> DMZ): the --set tier comparison.
         Subject(
@@ -418,6 +470,12 @@ SETS: dict[str, SubjectSet] = {
             ],
             [ANCHOR_ALL, "pproxy-{proto}"],
             "one proxy process (or one squid) between client and origin (the default)",
+        ),
+        SubjectSet(
+            "policy",
+            ["pyegress-http", "pyegress-policy-1", "pyegress-policy-1000"],
+            ["pyegress-policy-1"],
+            "the DMZ's judgement: no policy, a one-rule policy, a 1,000-rule policy",
         ),
         SubjectSet(
             "tier",

@@ -22,7 +22,7 @@ from pyegress.observe.audit import DEFAULT_BACKUPS, DEFAULT_MAX_BYTES
 
 # Parameters that are parsed but whose feature is not built yet: using one is an error
 # where ignoring it would weaken security, a warning elsewhere.
-_NOT_YET_ERRORS = {"bypass"}
+_NOT_YET_ERRORS: set[str] = set()
 _IMPLEMENTED = {
     "timeout",
     "handshake_timeout",

@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--base-port", type=int, default=18080)
     args = parser.parse_args(argv)
     base = args.base_port
-    http_port, socks_port, dmz_port = base, base + 1, base + 2
+    http_port, socks_port, dmz_port, admin_port = base, base + 1, base + 2, base + 3
     origin_port, tls_port = base + 10, base + 11
 
     workdir = Path(tempfile.mkdtemp(prefix="pyegress-demo-"))
@@ -171,7 +171,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     python = sys.executable
     children = [
-        ("[dmz]    ", [python, "-m", "pyegress", "-L", dmz_url, "-C", str(policy)]),
+        (
+            "[dmz]    ",
+            [
+                python, "-m", "pyegress", "-L", dmz_url, "-C", str(policy),
+                "-metrics", f"127.0.0.1:{admin_port}",
+            ],
+        ),
         (
             "[sidecar]",
             [
@@ -207,8 +213,12 @@ try, in another terminal:
 and one the DMZ's policy ({policy}) refuses, with its decision record:
   curl -p -x http://127.0.0.1:{http_port} https://example.com/
 
-each tunnel prints a decision and a close record at the DMZ and a close record at the
-sidecar, joined by conn_id; Ctrl-C stops everything.
+each tunnel prints a decision and a close record at each tier, joined by conn_id
+(docs/audit.md); the DMZ's metrics and readiness:
+  curl http://127.0.0.1:{admin_port}/metrics
+  curl http://127.0.0.1:{admin_port}/readyz
+
+Ctrl-C stops everything.
 """,
             flush=True,
         )

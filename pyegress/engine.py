@@ -302,7 +302,7 @@ class Service:
             metrics.tunnel_closed(
                 t.tier, t.mode, close["result"]["close_reason"], close["duration_ms"] / 1000
             )
-            metrics.add_bytes(t.tier, t.bytes_up, t.bytes_down)
+            metrics.add_bytes(t.tier, *t.unmetered())
 
     def _log_decision(self, t: Tunnel) -> None:
         t.decision_logged = True
@@ -436,10 +436,17 @@ class Service:
         client.abort()
         return False
 
+    def _meter(self, t: Tunnel, relay: Relay) -> None:
+        if t.relay is not relay or relay.reason is not None:
+            return
+        metrics.add_bytes(t.tier, *t.unmetered())
+        asyncio.get_running_loop().call_later(_METER_PERIOD, self._meter, t, relay)
+
     async def relay(self, t: Tunnel, client: Endpoint, upstream: Endpoint) -> None:
         relay = Relay(client, upstream, self.idle_timeout)  # byte counts start here
         t.relay = relay
         lifetime: asyncio.TimerHandle | None = None
+        meter: asyncio.TimerHandle | None = None
         try:
             state: State = t.state
             if not t.decision_logged:
@@ -448,18 +455,23 @@ class Service:
                     return
                 self._log_decision(t)
             max_lifetime = state.max_lifetime or self.max_lifetime
+            loop = asyncio.get_running_loop()
             if max_lifetime > 0:
-                loop = asyncio.get_running_loop()
                 lifetime = loop.call_later(max_lifetime, relay.stop, "max_lifetime")
+            meter = loop.call_later(_METER_PERIOD, self._meter, t, relay)
             t.reason = await relay.run()
             if t.reason in _TIMEOUT_KINDS:
                 metrics.timeout(t.tier, _TIMEOUT_KINDS[t.reason])
         finally:
-            if lifetime is not None:
-                lifetime.cancel()
+            for handle in (lifetime, meter):
+                if handle is not None:
+                    handle.cancel()
             t.bytes_up += relay.bytes_up
             t.bytes_down += relay.bytes_down
             t.relay = None
+
+
+_METER_PERIOD = 5.0  # long tunnels add to the byte counters while they stream
 
 
 _TIMEOUT_KINDS = {"idle_timeout": "idle", "max_lifetime": "max_lifetime", "drain": "drain"}
@@ -718,6 +730,7 @@ class Engine:
             await self.chain.warm()
             up, connecting, down = self.chain.link_states()
             metrics.set_tier_links(up, connecting, down)
+            metrics.set_tier_streams(self.chain.streams_open())
             await asyncio.sleep(1.0)
 
     async def shutdown(self) -> None:

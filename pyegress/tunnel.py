@@ -78,6 +78,18 @@ class Tunnel:
     dialed: str | None = None
     slots: list[Any] = field(default_factory=list)
     state: Any = None  # the engine state (policy, limits) the tunnel was opened under
+    metered_up: int = 0  # bytes already added to the byte counters
+    metered_down: int = 0
+
+    def unmetered(self) -> tuple[int, int]:
+        """Bytes each way not yet counted in the metrics; marks them counted."""
+        up, down = self.bytes_up, self.bytes_down
+        if self.relay is not None:
+            up += self.relay.bytes_up
+            down += self.relay.bytes_down
+        delta = (up - self.metered_up, down - self.metered_down)
+        self.metered_up, self.metered_down = up, down
+        return delta
 
     @property
     def mode(self) -> str:

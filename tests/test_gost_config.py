@@ -1302,3 +1302,10 @@ def test_live_gost_file_refusal_is_one_line_on_stderr(tmp_path: Path) -> None:
     assert result.stderr == (
         f"pyegress: error: {config}: services[0].handler.limiter: not supported\n"
     )
+
+
+def test_a_pyegress_policy_with_tls_and_limits_sections_is_not_a_gost_file() -> None:
+    from pyegress.config.gostfile import parse_gost_config
+
+    text = "version: 1\ntls: {sni: strict}\nlimits: {max_tunnels: 5}\nrules: []\n"
+    assert parse_gost_config(text, "policy.yaml") is None

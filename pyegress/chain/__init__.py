@@ -22,6 +22,9 @@ from pyegress.chain.h2 import H2Node
 from pyegress.config.nodes import Node, join_host_port
 from pyegress.endpoint import Endpoint, TcpEndpoint
 from pyegress.errors import ConfigError, PyegressError, UpstreamError
+from pyegress.observe import metrics
+from pyegress.policy.loader import from_gost_bypass
+from pyegress.policy.rules import Request
 from pyegress.tls import ClientTLS, client_context
 
 Connector = Callable[[Endpoint, Node, str, int, float, str | None], Awaitable[None]]
@@ -85,6 +88,10 @@ class Hop:
         self.max_fails = max(1, node.integer("max_fails", 1))
         self.fail_timeout = node.duration("fail_timeout", 10.0)
         self.members = [Member(node.with_address(h, p)) for h, p in node.members]
+        # gost hop bypass (gost-compat 3.3): a bypassed target truncates the route before
+        # this hop (direct when it is the first).
+        bypass = node.param("bypass")
+        self.bypass = from_gost_bypass(bypass, service_level=False) if bypass else None
         if node.transport == "tls":
             for member in self.members:
                 member.tls = client_context(member.node, None)
@@ -121,12 +128,14 @@ class Hop:
 class Chain:
     def __init__(self, nodes: Sequence[Node]) -> None:
         self.hops = [Hop(node) for node in nodes]
+        self._prefixes: dict[int, Chain] = {}
         mux = [i for i, hop in enumerate(self.hops) if hop.mux]
         self.cut = mux[-1] if mux else -1
         if self.cut >= 0:
             route = Chain.__new__(Chain)
             route.hops = self.hops[: self.cut]
             route.cut = -1
+            route._prefixes = {}
             for member in self.hops[self.cut].members:
                 member.h2 = H2Node(member.node, route.dial)
                 member.h2.on_failure = member.failed
@@ -139,6 +148,10 @@ class Chain:
 
     def _h2_nodes(self) -> list[H2Node]:
         return [m.h2 for hop in self.hops for m in hop.members if m.h2 is not None]
+
+    def streams_open(self) -> int:
+        """Streams open on every tier link."""
+        return sum(len(link.streams) for node in self._h2_nodes() for link in node.links)
 
     def link_states(self) -> tuple[int, int, int]:
         """Tier links (h2 members) up, connecting and down."""
@@ -190,10 +203,35 @@ class Chain:
             return nxt.host, nxt.port
         return host, port
 
+    def route_for(self, host: str, port: int) -> Chain:
+        """This chain, or the part of it before the first hop whose ``bypass=`` says the
+        target skips it."""
+        for index, hop in enumerate(self.hops):
+            if hop.bypass is None:
+                continue
+            verdict = hop.bypass.decide(Request(identity=None, host=host, port=port))
+            if verdict.route == "direct":
+                return self._prefix(index)
+        return self
+
+    def _prefix(self, length: int) -> Chain:
+        found = self._prefixes.get(length)
+        if found is None:
+            found = Chain.__new__(Chain)
+            found.hops = self.hops[:length]
+            found.cut = self.cut if self.cut < length else -1
+            found._prefixes = {}
+            self._prefixes[length] = found
+        return found
+
     async def dial(
         self, host: str, port: int, timeout: float, conn_id: str | None = None
     ) -> Endpoint:
-        """A connected endpoint whose bytes reach ``host:port`` through every hop."""
+        """A connected endpoint whose bytes reach ``host:port`` through every hop (up to
+        a hop that ``bypass=`` tells the target to skip)."""
+        route = self.route_for(host, port)
+        if route is not self:
+            return await route.dial(host, port, timeout, conn_id)
         if not self.hops:
             return await direct.dial(host, port, timeout)
         if self.cut >= 0:
@@ -247,6 +285,8 @@ class Chain:
                     continue
                 raise
             member.succeeded()
+            if last is not None:  # an earlier member failed: this tunnel failed over
+                metrics.failover()
             return stream
         assert last is not None
         raise last

@@ -317,6 +317,8 @@ def parse_gost_config(text: str, source: str = "<string>") -> GostFile | None:
     if not isinstance(root, _Pairs):
         return None
     keys = {k.lower(): k for k, _, _ in root if isinstance(k, str)}
+    if "rules" in keys or "version" in keys:
+        return None  # a pyegress policy (its `tls:`/`limits:` keys are its own)
     v2 = [k for k in keys if k in _V2_KEYS]
     v3 = [k for k in keys if k in _V3_READ or k in _V3_UNSUPPORTED]
     if not v2 and not v3:

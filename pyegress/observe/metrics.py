@@ -479,6 +479,10 @@ def audit_dropped(event: str) -> None:
     child.inc()
 
 
+def set_tier_streams(count: int) -> None:
+    TIER_STREAMS_ACTIVE.set(count)
+
+
 def stream_opened() -> None:
     TIER_STREAMS_ACTIVE.inc()
 

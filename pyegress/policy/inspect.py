@@ -543,6 +543,10 @@ def _decide_plain(
         detail = f"more than {_MAX_LEADING_EMPTY} CR/LF bytes before the first line"
         return _result("other", detail, "malformed_request")
     if first == "more":
+        if not settings.host_check:
+            # Nothing to enforce on plain bytes: do not hold a short first message back
+            # waiting to learn whether it is an HTTP request line.
+            return _result("other", "not TLS (tls.host_check: false)")
         if final is None:
             return _line_wait(data)
         if settings.host_check and _HTTP_STARTED.fullmatch(data.lstrip(b"\r\n").rstrip(b"\r")):
