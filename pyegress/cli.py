@@ -47,6 +47,16 @@ _IMPLEMENTED = {
     "dns_timeout",
     "bypass",
     "max_lifetime",
+    "sniffing",
+    "sniffing_timeout",
+    "tproxy",
+    "range",
+    "range6",
+    "upstream",
+    "suffix",
+    "ttl",
+    "keep",
+    "size",
 }
 
 
@@ -153,6 +163,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from pyegress.healthcheck import main as healthcheck_main
 
         return healthcheck_main(argv[1:])
+    if argv[:1] == ["redirect"]:
+        from pyegress.transparent.cli import main as redirect_main
+
+        return redirect_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.version:

@@ -253,8 +253,10 @@ class TcpEndpoint(asyncio.Protocol, BufferedEndpoint):
 
     def eof_received(self) -> bool:
         self._remote_eof()
-        # Keep the transport open: the other direction may still be sending.
-        return True
+        # Keep the transport open: the other direction may still be sending. (A TLS
+        # transport cannot stay half open, and says so if asked to.)
+        transport = self.transport
+        return transport is None or transport.get_extra_info("sslcontext") is None
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed = True

@@ -10,6 +10,7 @@ open its record (:meth:`Service.tunnel`), dial (:meth:`Service.dial`) and relay
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import ipaddress
 import signal
 import socket
@@ -44,6 +45,18 @@ from pyegress.tunnel import DETAIL_CAP, HOST_CAP, Tunnel, decision_fields
 
 Handler = Callable[[Endpoint, "Service"], Awaitable[None]]
 
+# When the client's request must be complete: set once when the connection is accepted
+# (in the task serving it), so waiting for the first byte and reading the request share
+# one handshake_timeout.
+HANDSHAKE_DEADLINE: contextvars.ContextVar[float] = contextvars.ContextVar("handshake_deadline")
+
+
+def handshake_deadline(timeout: float) -> float:
+    """The loop time by which the client's request must be complete."""
+    found = HANDSHAKE_DEADLINE.get(None)
+    return found if found is not None else asyncio.get_running_loop().time() + timeout
+
+
 DEFAULT_HANDSHAKE_TIMEOUT = 15.0
 DEFAULT_IDLE_TIMEOUT = 300.0
 DEFAULT_DRAIN_TIMEOUT = 30.0
@@ -51,7 +64,7 @@ DEFAULT_DRAIN_TIMEOUT = 30.0
 
 def _handler_for(node: Node) -> Handler:
     # Imported here: listeners import this module for the Service type.
-    from pyegress.listeners import auto, forward, http, socks4, socks5
+    from pyegress.listeners import auto, forward, http, redirect, socks4, socks5
 
     handlers: dict[str, Handler] = {
         "auto": auto.serve,
@@ -60,7 +73,13 @@ def _handler_for(node: Node) -> Handler:
         "socks4": socks4.serve,
         "socks4a": socks4.serve,
         "tcp": forward.serve,
+        "redirect": redirect.serve,
+        "dns": redirect.not_a_stream,  # the DNS listener answers by itself
     }
+    if (node.kind == "dns") != (node.transport == "dns") or (
+        node.kind == "redirect" and node.transport not in ("redirect", "tcp")
+    ):
+        raise ConfigError(f"-L {node.redacted()}: {node.kind!r} cannot run over {node.transport!r}")
     if node.transport not in _LISTENERS:
         raise ConfigError(f"-L {node.redacted()}: listener {node.transport!r} is not supported yet")
     if node.kind == "http2":
@@ -73,7 +92,7 @@ def _handler_for(node: Node) -> Handler:
     return handler
 
 
-_LISTENERS = {"tcp", "tls", "h2", "h2c", "http2"}
+_LISTENERS = {"tcp", "tls", "h2", "h2c", "http2", "redirect", "dns"}
 
 
 class Service:
@@ -151,6 +170,11 @@ class Service:
             factory = lambda: H2ServerLink(self)  # noqa: E731
         else:
             factory = lambda: TcpEndpoint(self._accepted)  # noqa: E731
+        if self.node.kind in ("redirect", "dns"):
+            from pyegress.listeners.redirect import start_transparent
+
+            self.server = await start_transparent(self, factory)
+            return
         ctx = self.new_tls_context()
         try:
             if ctx is None:
@@ -227,7 +251,9 @@ class Service:
     async def serve(self, endpoint: Endpoint) -> None:
         """Run this service's handler on one client connection or stream."""
         try:
-            if self.node.kind != "tcp" and not await self._first_bytes(endpoint):
+            # A redirected connection may be server-speaks-first: it sniffs by itself.
+            waits = self.node.kind not in ("tcp", "redirect")
+            if waits and not await self._first_bytes(endpoint):
                 return
             await self.handler(endpoint, self)
         except PyegressError as exc:
@@ -242,6 +268,8 @@ class Service:
     async def _first_bytes(self, endpoint: Endpoint) -> bool:
         """Wait for the client's first bytes. A connection closed before saying anything
         (a port probe) is no tunnel; one silent past the handshake timeout is recorded."""
+        loop = asyncio.get_running_loop()
+        HANDSHAKE_DEADLINE.set(loop.time() + self.handshake_timeout)
         try:
             async with asyncio.timeout(self.handshake_timeout):
                 first = await endpoint.read()
@@ -299,6 +327,8 @@ class Service:
                 self._log_decision(t)
             close = t.close_record()
             engine.output.record(close)
+            if t.reason in _EARLY_TIMEOUTS:
+                metrics.timeout(t.tier, _EARLY_TIMEOUTS[t.reason])
             metrics.tunnel_closed(
                 t.tier, t.mode, close["result"]["close_reason"], close["duration_ms"] / 1000
             )
@@ -317,7 +347,8 @@ class Service:
             self.engine.identity_class(t.identity),
         )
 
-    def _refuse(self, t: Tunnel, reason: str, exc: PyegressError) -> NoReturn:
+    def refuse(self, t: Tunnel, reason: str, exc: PyegressError) -> NoReturn:
+        """Refuse the tunnel before anything is dialed: write its decision, raise."""
         version = t.policy_version
         t.decision = decision_fields("deny", reason, policy_version=version, detail=str(exc))
         self._log_decision(t)
@@ -329,12 +360,12 @@ class Service:
             t.name_source = _NAME_SOURCES.get(t.mode, "connect")
         engine = self.engine
         if engine.stopping:
-            self._refuse(t, "draining", Unavailable("draining: not accepting new tunnels"))
+            self.refuse(t, "draining", Unavailable("draining: not accepting new tunnels"))
         if self.bypass is not None:
             verdict = self.bypass.decide(Request(identity=None, host=host, port=port))
             if verdict.action == "deny":
                 exc = Denied(f"{host}:{port} rejected by bypass= ({verdict.reason})")
-                self._refuse(t, "bypass", exc)
+                self.refuse(t, "bypass", exc)
         state: State = t.state
         policy = state.policy
         via_chain = True
@@ -343,7 +374,7 @@ class Service:
                 t.slots.extend(state.limits.acquire(t.identity))
             except LimitExceeded as exc:
                 metrics.limit_rejected(t.tier, exc.limit)
-                self._refuse(t, "limit_exceeded", exc)
+                self.refuse(t, "limit_exceeded", exc)
         if policy is not None:
             record: dict[str, Any] = {}
             try:
@@ -356,6 +387,8 @@ class Service:
                     dns_timeout=self.dns_timeout,
                     self_endpoints=engine.self_endpoints(),
                     have_proxy=bool(self.chain.hops),
+                    # A synthetic address (the sidecar's DNS) says nothing to check.
+                    orig_dst=t.orig_dst if t.name_source != "dns" else None,
                 )
             finally:
                 t.decision = record.get("decision")
@@ -380,7 +413,7 @@ class Service:
                 else:
                     upstream = await direct.dial(host, port, self.dial_timeout)
             except PyegressError as exc:
-                metrics.upstream_error(via, exc.close_reason)
+                metrics.upstream_error(via, _CONNECT_ERRORS.get(exc.close_reason, "proxy_error"))
                 if exc.close_reason == "connect_timeout":
                     metrics.timeout(t.tier, "connect")
                 last = exc
@@ -474,6 +507,21 @@ class Service:
 _METER_PERIOD = 5.0  # long tunnels add to the byte counters while they stream
 
 
+# Close reasons of a failed dial as pyegress_upstream_connect_errors_total labels.
+_CONNECT_ERRORS = {
+    "connect_timeout": "timeout",
+    "dns_timeout": "timeout",
+    "connect_refused": "refused",
+    "host_unreachable": "unreachable",
+    "network_unreachable": "unreachable",
+    "resolve_failed": "unreachable",
+    "tier_link_lost": "reset",
+    "hop_refused": "proxy_denied",
+    "auth_failed": "proxy_407",
+    "tls_failed": "tls",
+}
+
+_EARLY_TIMEOUTS = {"handshake_timeout": "handshake", "dns_timeout": "dns"}
 _TIMEOUT_KINDS = {"idle_timeout": "idle", "max_lifetime": "max_lifetime", "drain": "drain"}
 _NAME_SOURCES = {"socks5": "socks", "socks4": "socks", "sni": "sni", "transparent": "orig_dst"}
 

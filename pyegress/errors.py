@@ -146,10 +146,45 @@ class HopRefused(UpstreamError):
     http_status = 502
     close_reason = "hop_refused"
 
-    def __init__(self, message: str, *, http_status: int = 502, socks5_reply: int = 1) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        http_status: int = 502,
+        socks5_reply: int = 1,
+        retry_after: int | None = None,
+    ) -> None:
         super().__init__(message)
         self.http_status = http_status
         self.socks5_reply = socks5_reply
+        self.retry_after = retry_after
+
+
+def hop_refusal(
+    status: int,
+    reason: str,
+    hop: str,
+    retry_after: str | None = None,
+    *,
+    pass_bad_request: bool = True,
+) -> HopRefused:
+    """A hop's (or the DMZ's) non-2xx answer as the answer our own client gets.
+
+    A refusal by rule (403), a limit (429, with its ``Retry-After``) and a malformed
+    target (400) are passed on, so the application sees what the DMZ decided; anything
+    else is the hop failing us: a gateway error (502, or its own 502/503/504). With
+    ``pass_bad_request`` False a 400 is about our own request to the hop (an h2 stream
+    on the wrong path, say): a gateway error too.
+    """
+    text = f"hop {hop} answered {status} {reason}".rstrip()
+    if status in (403, 429) or (status == 400 and pass_bad_request):
+        after = int(retry_after) if retry_after and retry_after.isdigit() else None
+        if status == 429 and after is None:
+            after = 1
+        reply = SOCKS5_GENERAL_FAILURE if status == 400 else SOCKS5_NOT_ALLOWED
+        return HopRefused(text, http_status=status, socks5_reply=reply, retry_after=after)
+    code = status if status in (502, 503, 504) else 502
+    return HopRefused(text, http_status=code, socks5_reply=SOCKS5_GENERAL_FAILURE)
 
 
 class TierLinkLost(UpstreamError):

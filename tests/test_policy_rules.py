@@ -316,10 +316,14 @@ def test_report_mode_deny_rule() -> None:
     # The tunnel passes as the allow rule would let it.
     assert (d.route, d.private) == ("proxy", frozenset({"private"}))
     assert d.detail == "would deny: matched new.ok.test"
-    # Not allowed by any rule: a report deny is still a report, not a refusal.
-    assert verdict(p, "other.test") == ("report", "report_only")
-    assert decide(p, "other.test").route == "direct"
+    # Not allowed by any rule: trying out a deny rule never opens a host that the
+    # policy refuses anyway (default: deny).
+    assert verdict(p, "other.test") == ("deny", "not_in_allowlist")
     assert verdict(p, "old.ok.test") == ("allow", "rule_match")
+    # Under default: allow the same host passes, marked would-deny by the trial rule.
+    lenient = policy("rules:\n  - id: trial\n    deny: [other.test]\n    report: true\n", "allow")
+    assert decide(lenient, "other.test").rule_id == "trial"
+    assert verdict(lenient, "other.test") == ("report", "report_only")
 
 
 def test_enforcing_deny_beats_report_deny() -> None:
@@ -330,7 +334,15 @@ def test_enforcing_deny_beats_report_deny() -> None:
     )
     d = decide(p, "bad.x.test")
     assert (d.action, d.reason, d.rule_id) == ("deny", "global_deny", "hard")
-    assert decide(p, "good.x.test").action == "report"
+    assert decide(p, "good.x.test").action == "deny"  # no allow rule: default deny
+    allowed = policy(
+        "rules:\n"
+        "  - id: trial\n    deny: [.x.test]\n    report: true\n"
+        "  - id: hard\n    deny: [bad.x.test]\n"
+        "  - id: open\n    allow: [.x.test]\n"
+    )
+    assert decide(allowed, "bad.x.test").rule_id == "hard"
+    assert decide(allowed, "good.x.test").action == "report"
 
 
 # --------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ HTTP/2 PING every N seconds and closes a link whose PING goes unanswered.
 from __future__ import annotations
 
 import asyncio
+import ssl
 from collections.abc import Awaitable, Callable
 from contextlib import suppress
 
@@ -18,13 +19,14 @@ from pyegress.config.nodes import Node, join_host_port
 from pyegress.endpoint import Endpoint, TcpEndpoint
 from pyegress.errors import (
     ConnectTimeout,
-    HopRefused,
     PyegressError,
     TierLinkLost,
     UpstreamError,
+    hop_refusal,
     map_os_error,
 )
 from pyegress.h2link import H2Link, H2Stream, header
+from pyegress.observe import metrics
 from pyegress.tls import ClientTLS, client_context
 
 # Dials the TCP connection that carries a link: directly, or through earlier hops.
@@ -57,6 +59,17 @@ class H2ClientLink(H2Link):
         self.streams[stream_id] = stream
         self._flush()
         return stream
+
+
+def _handshake_result(exc: ssl.SSLError) -> str:
+    text = f"{exc.reason or ''} {exc}".lower()
+    if "expired" in text:
+        return "expired"
+    if "certificate" in text or "unknown ca" in text:
+        return "bad_cert"
+    if "version" in text or "protocol" in text:
+        return "version"
+    return "error"
 
 
 class H2Node:
@@ -127,10 +140,12 @@ class H2Node:
         if status != "200":
             stream.abort()
             code = int(status) if status and status.isdigit() else 502
-            raise HopRefused(
-                f"h2 node {self.node.address} answered {status}",
-                http_status=403 if code == 403 else 502,
-                socks5_reply=2 if code == 403 else 1,
+            raise hop_refusal(
+                code,
+                "",
+                f"h2 node {self.node.address}",
+                header(response, "retry-after"),
+                pass_bad_request=self.node.transport == "http2",
             )
         return stream
 
@@ -211,6 +226,10 @@ class H2Node:
                         link.abort("peer chose ALPN " + str(chosen))
                         raise TierLinkLost(f"{what}: peer selected ALPN {chosen!r}, not h2")
                 await link.settings_received
+        except ssl.SSLError as exc:
+            link.abort("TLS handshake failed")
+            metrics.tls_handshake("sidecar", "client", _handshake_result(exc))
+            raise map_os_error(exc, what) from None
         except TimeoutError:
             link.abort("TLS or SETTINGS not completed in time")
             raise ConnectTimeout(
@@ -222,6 +241,8 @@ class H2Node:
         except (OSError, ValueError) as exc:
             link.abort("connect failed")
             raise map_os_error(exc, what) from None
+        if self.tls is not None:
+            metrics.tls_handshake("sidecar", "client", "ok")
         self.links.append(link)
         link.add_close_callback(self._forget)
         if self.ping_interval > 0:

@@ -115,7 +115,19 @@ _PARAM_ALIASES = {
     "backlog": "backlog",
     "notls": "notls",
     "sniffing": "sniffing",
+    "sniffing.timeout": "sniffing_timeout",
+    "sniffing_timeout": "sniffing_timeout",
+    "sniffingtimeout": "sniffing_timeout",
     "tproxy": "tproxy",
+    "range": "range",
+    "range6": "range6",
+    "upstream": "upstream",
+    "forward": "upstream",
+    "suffix": "suffix",
+    "suffixes": "suffix",
+    "ttl": "ttl",
+    "keep": "keep",
+    "size": "size",
     "maxstreams": "max_streams",
     "dnstimeout": "dns_timeout",
     "dns_timeout": "dns_timeout",
@@ -241,10 +253,16 @@ def _split_scheme(scheme: str, role: Role, url: str) -> tuple[str, str]:
     if not plus:
         if left in _TRANSPORT_ONLY:
             left, right = "auto", left
-        elif left in ("red", "redir", "redirect", "http2"):
+        elif left in ("red", "redir", "redirect", "http2", "dns"):
             right = left
         else:
             right = "tcp"
+    if role == "listen" and left == "dns" and right in ("dns", "tcp", "udp"):
+        return "dns", "dns"  # pyegress's DNS listener (UDP and TCP), not gost's DNS proxy
+    if role == "listen" and (left == "redu" or right in ("udp", "redu")):
+        raise ConfigError(
+            f"-L {url!r}: UDP is not redirected (only DNS, with -L dns://); see docs/transparent.md"
+        )
     first, second, flag = (
         (_HANDLERS, _LISTENERS, "-L") if role == "listen" else (_CONNECTORS, _DIALERS, "-F")
     )

@@ -66,8 +66,12 @@ class H2ServerLink(H2Link):
                 reason=reason,
             )
 
-    def respond(self, stream_id: int, status: int, end: bool = False) -> None:
+    def respond(
+        self, stream_id: int, status: int, end: bool = False, retry_after: int | None = None
+    ) -> None:
         headers = [(":status", str(status))]
+        if retry_after is not None:
+            headers.append(("retry-after", str(retry_after)))
         try:
             self.conn.send_headers(stream_id, headers, end_stream=end)
         except Exception:  # the stream may be gone already
@@ -140,7 +144,8 @@ async def _serve_http2(stream: H2Stream, link: H2ServerLink, service: Service) -
             upstream = await service.dial(t, host, port)
         except PyegressError as exc:
             t.status = exc.http_status
-            link.respond(stream.stream_id, exc.http_status, end=True)
+            retry_after = getattr(exc, "retry_after", None) if exc.http_status == 429 else None
+            link.respond(stream.stream_id, exc.http_status, end=True, retry_after=retry_after)
             stream.abort()
             raise
         t.status = 200

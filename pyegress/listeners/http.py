@@ -16,17 +16,21 @@ from __future__ import annotations
 import asyncio
 import re
 
-from pyegress.chain.http import CONN_ID_HEADER
+from pyegress.chain.http import CONN_ID_HEADER, NAME_SOURCE_HEADER, ORIG_DST_HEADER
 from pyegress.endpoint import Endpoint, read_message
-from pyegress.engine import Service
+from pyegress.engine import Service, handshake_deadline
 from pyegress.errors import (
     AuthRequired,
     ConnectTimeout,
+    Denied,
     HandshakeTimeout,
     LocalProtocolError,
     PyegressError,
     RemoteProtocolError,
 )
+from pyegress.policy.inspect import check_request_head
+from pyegress.policy.literals import canonical, parse_host_literal
+from pyegress.protocols.addresses import join_host_port, split_host_port
 from pyegress.protocols.http1 import (
     BodyFraming,
     BodyReader,
@@ -83,8 +87,11 @@ async def serve(client: Endpoint, service: Service) -> None:
 async def _read_request(client: Endpoint, service: Service, first: bool) -> RequestHead:
     # The first request must come within the handshake timeout; later ones on a
     # keep-alive connection may wait as long as an idle tunnel may.
-    timeout = service.handshake_timeout if first else service.idle_timeout
-    async with asyncio.timeout(timeout):
+    if first:
+        deadline = handshake_deadline(service.handshake_timeout)
+    else:
+        deadline = asyncio.get_running_loop().time() + service.idle_timeout
+    async with asyncio.timeout_at(deadline):
         return await read_message(client, parse_request_head, _truncated_request)
 
 
@@ -100,6 +107,9 @@ def _reply_error(client: Endpoint, service: Service, exc: PyegressError) -> int:
     headers: list[tuple[str, str]] = []
     if isinstance(exc, AuthRequired):
         headers.append(("Proxy-Authenticate", f'Basic realm="{service.realm}"'))
+    retry_after = getattr(exc, "retry_after", None)
+    if status == 429 and retry_after is not None:
+        headers.append(("Retry-After", str(retry_after)))
     headers += [("Proxy-Agent", service.proxy_agent), ("Connection", "close")]
     client.write(render_response(status, headers=[*headers, ("Content-Length", "0")]))
     return status
@@ -124,6 +134,8 @@ async def handle_request(client: Endpoint, service: Service, head: RequestHead) 
         # the conn_id; an application's header would let it forge audit joins.
         if conn_id is not None and client.identity is not None and _CONN_ID.fullmatch(conn_id):
             t.conn_id = conn_id  # minted by the sidecar: joins both tiers' records
+        if client.identity is not None:
+            _transparent_origin(t, head)
         try:
             t.user = _authenticate(service, head)
             if head.method == "CONNECT":
@@ -150,17 +162,51 @@ async def handle_request(client: Endpoint, service: Service, head: RequestHead) 
         return False
 
 
+_NAME_SOURCES = frozenset({"sni", "host", "orig_dst", "dns"})
+
+
+def _transparent_origin(t: Tunnel, head: RequestHead) -> None:
+    """A verified sidecar's transparent tunnel: its original destination and where the
+    name came from (chain/http.py). A value that does not parse is ignored."""
+    value = head.get(ORIG_DST_HEADER)
+    if value is None or len(value) > 64:
+        return
+    try:
+        host, port = split_host_port(value.strip())
+        address = parse_host_literal(host)
+    except LocalProtocolError:
+        return
+    if address is None or port == 0:
+        return
+    t.orig_dst = join_host_port(canonical(address), port)
+    source = head.get(NAME_SOURCE_HEADER)
+    if source in _NAME_SOURCES:
+        t.name_source = source
+
+
 async def _forward(client: Endpoint, service: Service, head: RequestHead, t: Tunnel) -> bool:
     uri = parse_absolute_uri(head.target)
     if uri.scheme != "http":
         raise LocalProtocolError(f"cannot forward a {uri.scheme!r} URL; use CONNECT")
     framing = request_body_framing(head)
     t.host, t.port = uri.host, uri.port
+    state = service.engine.state
+    if state.policy is None or state.tls.host_check:
+        # The Host header must name the URI's host and port: an origin (or a CDN in
+        # front of it) routes on Host, so a mismatch would reach a host never judged.
+        seen = check_request_head(head, uri.host, uri.port)
+        if seen.reason is not None:
+            t.http = {"host": seen.host_header}
+            status = 400 if seen.reason == "malformed_request" else 403
+            refusal = Denied(seen.detail) if status == 403 else LocalProtocolError(seen.detail)
+            service.refuse(t, seen.reason, refusal)
     upstream = await service.dial(t, uri.host, uri.port)
     # Count only this request's bytes, not the hops' own handshakes.
     sent_before, received_before = upstream.bytes_out, upstream.bytes_in
     try:
-        headers = without_headers(strip_hop_by_hop(head.headers), (CONN_ID_HEADER,))
+        headers = without_headers(
+            strip_hop_by_hop(head.headers), (CONN_ID_HEADER, ORIG_DST_HEADER, NAME_SOURCE_HEADER)
+        )
         if head.get("Host") is None:
             headers.insert(0, ("Host", t.target if uri.port != 80 else uri.host))
         headers.append(("Connection", "close"))

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 
 from pyegress.endpoint import Endpoint
-from pyegress.engine import Service
+from pyegress.engine import Service, handshake_deadline
 from pyegress.errors import HandshakeTimeout, LocalProtocolError
 from pyegress.protocols.tls_hello import parse_client_hello
 
@@ -22,7 +22,7 @@ async def serve(client: Endpoint, service: Service) -> None:
     async with service.tunnel(client, "tls-sni") as t:
         buf = bytearray()
         try:
-            async with asyncio.timeout(service.handshake_timeout):
+            async with asyncio.timeout_at(handshake_deadline(service.handshake_timeout)):
                 while (hello := parse_client_hello(buf)) is None:
                     data = await client.read()
                     if not data:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 
 from pyegress.endpoint import Endpoint, read_message
-from pyegress.engine import Service
+from pyegress.engine import Service, handshake_deadline
 from pyegress.errors import (
     AuthRequired,
     HandshakeTimeout,
@@ -27,7 +27,7 @@ def _truncated(_: bytes) -> PyegressError:
 async def serve(client: Endpoint, service: Service) -> None:
     async with service.tunnel(client, "socks4") as t:
         try:
-            async with asyncio.timeout(service.handshake_timeout):
+            async with asyncio.timeout_at(handshake_deadline(service.handshake_timeout)):
                 request = await read_message(client, socks4.parse_request, _truncated)
         except TimeoutError:
             raise HandshakeTimeout("SOCKS4 request not completed in time") from None

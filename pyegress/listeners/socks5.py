@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 
 from pyegress.endpoint import Endpoint, read_message
-from pyegress.engine import Service
+from pyegress.engine import Service, handshake_deadline
 from pyegress.errors import (
     SOCKS5_COMMAND_NOT_SUPPORTED,
     AuthRequired,
@@ -30,7 +30,7 @@ def _truncated(_: bytes) -> PyegressError:
 async def serve(client: Endpoint, service: Service) -> None:
     async with service.tunnel(client, "socks5") as t:
         try:
-            async with asyncio.timeout(service.handshake_timeout):
+            async with asyncio.timeout_at(handshake_deadline(service.handshake_timeout)):
                 request = await _handshake(client, service, t)
         except TimeoutError:
             raise HandshakeTimeout("SOCKS5 handshake not completed in time") from None

@@ -16,10 +16,10 @@ from typing import Any
 from pyegress.errors import Denied, LocalProtocolError, PyegressError
 from pyegress.observe import metrics
 from pyegress.policy.literals import canonical, parse_host_literal
-from pyegress.policy.patterns import normalize_name
+from pyegress.policy.patterns import normalize_name, unmap
 from pyegress.policy.resolve import Address, pin, resolve
 from pyegress.policy.rules import Decision, Policy, Request
-from pyegress.protocols.addresses import join_host_port
+from pyegress.protocols.addresses import join_host_port, split_host_port
 from pyegress.tunnel import decision_fields
 
 
@@ -60,11 +60,19 @@ async def judge(
     self_endpoints: Iterable[tuple[Address, int]],
     have_proxy: bool,
     answers: Sequence[Address] | None = None,
+    orig_dst: str | None = None,
 ) -> Route:
     """Decide, resolve and pin; fill ``record`` (the decision record) on every path.
 
     ``answers``, when given, stand in for resolving a name (``policy replay`` passes the
     answers an audit record kept); a literal host and a route through the proxy ignore it.
+
+    ``orig_dst`` (``ip:port``) is a transparent tunnel's original destination: once the
+    name is resolved, whether that address is among the answers is recorded
+    (``dns.orig_dst_match``) and judged by the policy's ``orig_dst_check``: ``strict``
+    refuses a mismatch (``orig_dst_mismatch``), ``log`` reports it (``would_deny``),
+    ``route_by_name`` only records it. A route through the corporate proxy is resolved
+    here for the check only when ``strict`` or ``log`` asks for it.
     """
     try:
         literal = parse_host_literal(host)
@@ -85,7 +93,9 @@ async def judge(
         )
         raise PolicyDenied(f"{name}:{port} refused by policy ({decision.reason})", decision.reason)
     via_proxy = decision.route == "proxy" and have_proxy
-    if via_proxy and literal is None:
+    original = _orig_address(orig_dst)
+    checking = original is not None and policy.orig_dst_check != "route_by_name"
+    if via_proxy and literal is None and not checking:
         # The corporate proxy resolves the name; the DMZ passes it on unresolved.
         record["decision"] = _decision_fields(
             policy, decision, decision.action, decision.reason, decision.detail
@@ -107,6 +117,25 @@ async def judge(
         "answers": [canonical(a) for a in pinned.answers],
         "rejected": [{"ip": canonical(v.address), "class": v.category} for v in pinned.rejected],
     }
+    mismatch = False
+    if original is not None:
+        matched = original in {unmap(a) for a in answers}
+        record["dns"]["orig_dst_match"] = matched
+        mismatch = not matched
+        if mismatch and policy.orig_dst_check == "strict":
+            detail = f"original destination {orig_dst} is not among the answers for {name}"
+            record["decision"] = _decision_fields(
+                policy, decision, "deny", "orig_dst_mismatch", detail
+            )
+            raise PolicyDenied(f"{name}:{port} refused: orig_dst_mismatch", "orig_dst_mismatch")
+    if via_proxy and literal is None:
+        # Checked above; the corporate proxy still resolves the name itself.
+        record["decision"] = _decision_fields(
+            policy, decision, decision.action, decision.reason, decision.detail
+        )
+        _report_mismatch(record, policy, mismatch, orig_dst, name)
+        record["upstream"] = {"via": "proxy"}
+        return Route(name, port, True)
     for verdict in pinned.rejected:
         metrics.address_denied(verdict.category or "reserved")
     refusal = pinned.refusal
@@ -122,12 +151,41 @@ async def judge(
     record["decision"] = _decision_fields(
         policy, decision, decision.action, decision.reason, decision.detail
     )
+    _report_mismatch(record, policy, mismatch, orig_dst, name)
     dialed = canonical(pinned.address)
     record["upstream"] = {
         "via": "proxy" if via_proxy else "direct",
         "dialed": join_host_port(dialed, port),
     }
     return Route(dialed, port, via_proxy)
+
+
+def _orig_address(orig_dst: str | None) -> Address | None:
+    if orig_dst is None:
+        return None
+    try:
+        host, _port = split_host_port(orig_dst)
+        address = parse_host_literal(host)
+    except LocalProtocolError:
+        return None
+    return unmap(address) if address is not None else None
+
+
+def _report_mismatch(
+    record: dict[str, Any], policy: Policy, mismatch: bool, orig_dst: str | None, name: str
+) -> None:
+    """``orig_dst_check: log``: an allowed tunnel whose original destination is not
+    among the answers is reported as one strict mode would have refused."""
+    if not mismatch or policy.orig_dst_check != "log":
+        return
+    decision = record["decision"]
+    decision.update(
+        action="report",
+        would_deny=True,
+        reason="orig_dst_mismatch",
+        detail=f"original destination {orig_dst} is not among the answers for {name}"
+        " (orig_dst_check: log, not enforced)",
+    )
 
 
 # Close reasons of tunnels that end before a verdict, mapped to decision reason codes.

@@ -599,6 +599,13 @@ def _decide_http(
     return _check_head(parsed[0], target)
 
 
+def check_request_head(head: RequestHead, host: str, port: int) -> Inspection:
+    """The Host check on a parsed request head (an absolute-URI request at the HTTP
+    listener): ``reason`` is None when the head names ``host:port`` (a ``Host`` without a
+    port means the scheme's default port), else ``host_mismatch`` or ``malformed_request``."""
+    return _check_head(head, _target(host, port))
+
+
 def _check_head(head: RequestHead, target: _Target) -> Inspection:
     host_header = head.get("Host")
     requested = f"{_show(target.text)} port {target.port}"

@@ -35,7 +35,15 @@ from pyegress.policy.patterns import (
     parse_port_range,
     port_set,
 )
-from pyegress.policy.rules import PRIVATE_CATEGORIES, Default, Policy, Route, Rule
+from pyegress.policy.rules import (
+    ORIG_DST_CHECKS,
+    PRIVATE_CATEGORIES,
+    Default,
+    OrigDstCheck,
+    Policy,
+    Route,
+    Rule,
+)
 from pyegress.policy.special import METADATA
 
 __all__ = ["from_gost_bypass", "load_policy", "parse_policy"]
@@ -49,7 +57,9 @@ _TAG_BOOL = "tag:yaml.org,2002:bool"
 _TAG_FLOAT = "tag:yaml.org,2002:float"
 _DURATION = re.compile(r"(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s)?")
 
-_TOP_KEYS = ("version", "default", "groups", "rules", "tls", "limits")
+_TOP_KEYS: tuple[str, ...] = ("version", "default", "groups", "rules", "tls", "limits")
+_TOP_KEYS += ("orig_dst_check", "transparent")
+_TRANSPARENT_KEYS = ("orig_dst_check",)
 _RULE_KEYS = (
     "id", "allow", "deny", "ports", "identities", "report", "route", "private", "protocol",
 )  # fmt: skip
@@ -363,7 +373,28 @@ def _build(text: str, source: str, version: str) -> Policy:
         limits=limits,
         tcp_rules=frozenset(tcp_rules),
         groups=groups,
+        orig_dst_check=_orig_dst_check(reader, top),
     )
+
+
+def _orig_dst_check(reader: _Reader, top: dict[str, tuple[ScalarNode, Node]]) -> OrigDstCheck:
+    """``orig_dst_check:`` at the top level or under ``transparent:`` (not both)."""
+    node: Node | None = None
+    if "transparent" in top:
+        section = reader.mapping(top["transparent"][1], "transparent", _TRANSPARENT_KEYS)
+        if "orig_dst_check" in section:
+            node = section["orig_dst_check"][1]
+            if "orig_dst_check" in top:
+                reader.fail(
+                    top["orig_dst_check"][0],
+                    "orig_dst_check is given twice (top level and under transparent:)",
+                )
+    if node is None and "orig_dst_check" in top:
+        node = top["orig_dst_check"][1]
+    if node is None:
+        return "route_by_name"
+    text = _choice(reader, node, "orig_dst_check", ORIG_DST_CHECKS)
+    return ORIG_DST_CHECKS[ORIG_DST_CHECKS.index(text)]
 
 
 def _choice(reader: _Reader, node: Node, what: str, choices: tuple[str, ...]) -> str:

@@ -14,8 +14,10 @@ Decision order (``docs/policy.md``):
    literals against IP patterns; a name is never resolved here) and the port is in the
    pattern's port suffix, else in the rule's ``ports``.
 3. An enforcing deny rule that matches wins: ``deny``/``global_deny``.
-4. Else a report-mode deny rule that matches: ``report``/``report_only`` (the tunnel
-   passes, recorded as would-deny).
+4. Else a report-mode deny rule that matches a tunnel that steps 5-7 would let through
+   (an allow rule matches, or the default is not ``deny``): ``report``/``report_only``
+   (the tunnel passes, recorded as would-deny). Trying out a deny rule never opens a
+   host the policy otherwise refuses.
 5. Else an allow rule that matches: ``allow``/``rule_match``.
 6. Else an allow rule matched the host but not the port: ``deny``/``port_not_allowed``
    (under ``default: allow`` this is ``default_allow``; under ``default: report`` it is
@@ -64,6 +66,8 @@ __all__ = [
 Action = Literal["allow", "deny", "report"]
 Default = Literal["deny", "allow", "report"]
 Route = Literal["direct", "proxy"]
+OrigDstCheck = Literal["strict", "route_by_name", "log"]
+ORIG_DST_CHECKS: tuple[OrigDstCheck, ...] = ("strict", "route_by_name", "log")
 Reason = Literal[
     "rule_match",
     "default_allow",
@@ -214,6 +218,7 @@ class Policy:
         "default_route",
         "groups",
         "limits",
+        "orig_dst_check",
         "rules",
         "tcp_rules",
         "tls",
@@ -231,6 +236,7 @@ class Policy:
         limits: LimitSpec | None = None,
         tcp_rules: frozenset[str] = frozenset(),
         groups: dict[str, frozenset[str]] | None = None,
+        orig_dst_check: OrigDstCheck = "route_by_name",
     ) -> None:
         from pyegress.limits import LimitSpec
         from pyegress.policy.inspect import TlsSettings
@@ -243,6 +249,12 @@ class Policy:
         self.default: Default = default
         self.version = version
         self.default_route: Route = default_route
+        # Transparent tunnels: is the original destination among the name's answers?
+        # strict: deny orig_dst_mismatch; log: allow, reported (would_deny);
+        # route_by_name: recorded only (CDNs answer differently per resolver).
+        if orig_dst_check not in ORIG_DST_CHECKS:
+            raise ValueError(f"unknown orig_dst_check {orig_dst_check!r}")
+        self.orig_dst_check: OrigDstCheck = orig_dst_check
         if default not in ("deny", "allow", "report"):
             raise ValueError(f"unknown default {default!r}")
         seen: set[str] = set()
@@ -376,7 +388,9 @@ class Policy:
                 _NONE,
                 f"matched {deny.pattern.text}",
             )
-        if report is not None:
+        if report is not None and (allow is not None or self.default != "deny"):
+            # A report-mode deny rule marks a tunnel the policy would otherwise let
+            # through; it never opens one that the policy refuses anyway.
             route, private = (
                 (allow.rule.route, allow.rule.private)
                 if allow is not None
