@@ -47,6 +47,7 @@ _IMPLEMENTED = {
     "dns_timeout",
     "bypass",
     "max_lifetime",
+    "crl",
     "sniffing",
     "sniffing_timeout",
     "tproxy",

@@ -109,9 +109,31 @@ def server_context(node: Node, alpn: list[str] | None, warn: Any) -> ssl.SSLCont
     if ca:
         _load_ca(ctx, node, ca)
         ctx.verify_mode = ssl.CERT_REQUIRED
+    crl = node.param("crl")
+    if crl:
+        if not ca:
+            raise ConfigError(f"{node.redacted()}: crl= needs ca= (client certificates)")
+        _load_crl(ctx, node, crl)
     if alpn:
         ctx.set_alpn_protocols(alpn)
     return ctx
+
+
+def _load_crl(ctx: ssl.SSLContext, node: Node, crl: str) -> None:
+    """Refuse client certificates revoked by the CRL in ``crl`` (PEM; re-read on
+    SIGHUP with the other TLS files). Only the leaf is checked: the CRL is the issuing
+    CA's."""
+    try:
+        with open(crl, encoding="ascii") as handle:
+            text = handle.read()
+        if "-----BEGIN X509 CRL-----" not in text:
+            raise ConfigError(f"{node.redacted()}: crl {crl!r} holds no PEM X509 CRL")
+        ctx.load_verify_locations(cafile=crl)  # OpenSSL's file lookup takes CRLs too
+    except (FileNotFoundError, UnicodeDecodeError):
+        raise ConfigError(f"{node.redacted()}: cannot read crl {crl!r}") from None
+    except (ssl.SSLError, OSError) as exc:
+        raise ConfigError(f"{node.redacted()}: bad crl file {crl!r}: {exc}") from None
+    ctx.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
 
 
 def client_context(node: Node, alpn: list[str] | None) -> ClientTLS:

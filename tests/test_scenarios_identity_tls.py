@@ -648,11 +648,6 @@ def test_02_refused_client_certificate(stack: Stack, problem: str, handshake_res
     assert handshakes_after >= handshakes_before + 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="CRL revocation is not implemented: the h2 listener takes no crl= file, so a "
-    "revoked but otherwise valid client certificate is accepted",
-)
 def test_02_revoked_client_certificate_is_refused(stack: Stack) -> None:
     now = datetime.datetime.now(datetime.UTC)
     issued, serial = badcerts.issue_client(

@@ -133,6 +133,8 @@ _PARAM_ALIASES = {
     "dns_timeout": "dns_timeout",
     "max_streams": "max_streams",
     "max_lifetime": "max_lifetime",
+    "crl": "crl",
+    "tls.crl": "crl",
     "maxlifetime": "max_lifetime",
 }
 _V3_PREFIXES = ("service.", "handler.", "listener.", "node.", "connector.", "dialer.", "hop.")
