@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import random
 import socket
-import ssl
 import time
 from collections.abc import Callable, Iterable, Sequence
 from itertools import pairwise
@@ -30,6 +29,8 @@ from pyegress.policy.inspect import (
     examine,
     inspect,
 )
+from tests.support.hellos import client_hello as real_hello
+from tests.support.hellos import handshake_payload as handshake_bytes
 
 FUZZ = settings(max_examples=200, deadline=None)
 
@@ -41,32 +42,6 @@ STRICT = TlsSettings()
 
 
 # --------------------------------------------------------------------------- builders
-
-
-def real_hello(server_hostname: str | None, alpn: Sequence[str] = ()) -> bytes:
-    """The first flight of a real TLS client (one or more records, as OpenSSL sends)."""
-    context = ssl.create_default_context()
-    context.check_hostname = False
-    context.verify_mode = ssl.CERT_NONE
-    if alpn:
-        context.set_alpn_protocols(list(alpn))
-    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-    client = context.wrap_bio(incoming, outgoing, server_hostname=server_hostname)
-    with pytest.raises(ssl.SSLWantReadError):
-        client.do_handshake()
-    return outgoing.read()
-
-
-def handshake_bytes(stream: bytes) -> bytes:
-    """The handshake message carried by a run of handshake records."""
-    out = bytearray()
-    at = 0
-    while at < len(stream):
-        assert stream[at] == 0x16
-        size = int.from_bytes(stream[at + 3 : at + 5], "big")
-        out += stream[at + 5 : at + 5 + size]
-        at += 5 + size
-    return bytes(out)
 
 
 def frame(message: bytes, sizes: Iterable[int] = (2**14,)) -> bytes:

@@ -27,6 +27,7 @@ import trustme
 
 from tests.conftest import PyegressFactory, TierCerts
 from tests.support import curl
+from tests.support.audit_schema import CLOSE_REASONS, DECISION_REASONS
 from tests.support.clients import http_connect, recv_all
 from tests.support.netns import FakeInternet, NetnsPyegress, Squid, get, unavailable
 
@@ -60,74 +61,7 @@ rules:
     ports: [80, 443, "7000-7999"]
 """
 
-# docs/audit.md: the closed enums.
-DECISION_REASONS = {
-    "rule_match",
-    "default_allow",
-    "report_only",
-    "no_policy",
-    "not_in_allowlist",
-    "port_not_allowed",
-    "global_deny",
-    "bypass",
-    "resolved_private",
-    "resolved_loopback",
-    "resolved_link_local",
-    "resolved_metadata",
-    "resolved_cgnat",
-    "resolved_multicast",
-    "resolved_reserved",
-    "resolved_ula",
-    "resolved_unspecified",
-    "resolved_ipv6_embedded",
-    "resolved_broadcast",
-    "resolved_site_local",
-    "resolved_documentation",
-    "resolved_benchmarking",
-    "resolved_discard",
-    "resolved_this_network",
-    "resolved_protocol_assignments",
-    "resolved_translation",
-    "self_connection",
-    "dns_error",
-    "dns_timeout",
-    "sni_mismatch",
-    "sni_missing",
-    "ech_present",
-    "host_mismatch",
-    "protocol_not_allowed",
-    "limit_exceeded",
-    "client_auth",
-    "malformed_request",
-    "draining",
-}
-CLOSE_REASONS = {
-    "eof",
-    "client_reset",
-    "upstream_reset",
-    "idle_timeout",
-    "max_lifetime",
-    "handshake_timeout",
-    "connect_timeout",
-    "connect_refused",
-    "host_unreachable",
-    "network_unreachable",
-    "dial_failed",
-    "dns_timeout",
-    "resolve_failed",
-    "hop_refused",
-    "upstream_protocol_error",
-    "tier_link_lost",
-    "denied",
-    "malformed",
-    "auth_failed",
-    "unsupported",
-    "limit_exceeded",
-    "sni_mismatch",
-    "drain",
-    "client_closed",
-    "internal_error",
-}
+# docs/audit.md: the closed enums (one copy, in tests/support/audit_schema.py).
 
 
 def uniq(prefix: str, domain: str = "ok.test") -> str:
