@@ -7,19 +7,24 @@ Run from the repository root:
 Every subject is started fresh for each round, rounds interleave the subjects
 (round-robin with a rotating start), and the report gives medians over rounds.
 All traffic stays on 127.0.0.1; every process started here is stopped by PID.
-See benchmarks/README.md for what each figure means.
+Subjects that need a firewall REDIRECT (``--set redirect``) run, with the origin and the
+load generator, in a network namespace made for the run (root only), so the rules never
+touch the machine's own ruleset. See benchmarks/README.md for what each figure means.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import datetime as dt
 import json
 import os
 import platform
+import pwd
 import random
 import resource
+import secrets
 import shutil
 import signal
 import socket
@@ -47,6 +52,7 @@ HOST = "127.0.0.1"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 NCPU = os.cpu_count() or 1
 ERR_KEYS = ("err_connect", "err_handshake", "err_io")
+REDIRECT_UID = 10001  # pyegress's user in the redirect subjects (the image's USER)
 NOISE_WARN_PCT = 20.0  # % of one core used by processes not ours, median over tests
 ANCHOR_ALL = "squid"
 
@@ -74,7 +80,10 @@ class Plan:
     """What to start (in order) and where the load generator connects."""
 
     procs: list[Proc]
-    proxy_port: int | None  # None: no proxy (the direct baseline)
+    proxy_port: int | None  # None: no proxy (the direct baseline, or a redirect subject)
+    # Transparent subjects: the origin's ports are REDIRECTed (nat OUTPUT) to this port
+    # while the subject runs; the load generator then dials the origin itself.
+    redirect_to: int | None = None
 
 
 class Ctx:
@@ -144,6 +153,7 @@ class Subject:
     build: Callable[[Ctx], Plan]
     tests: frozenset[str] = frozenset({"rate", "bulk", "idle"})
     two_tier: bool = False  # its processes have tier "sidecar" or "dmz"
+    netns: bool = False  # needs the run's own network namespace (firewall rules)
 
 
 def _py(*args: str) -> list[str]:
@@ -270,13 +280,16 @@ def _stunnel_squid(ctx: Ctx) -> Plan:
     )
 
 
-def _pyegress_h2(tls: bool) -> Callable[[Ctx], Plan]:
+def _pyegress_h2(tls: bool, workers: int = 1) -> Callable[[Ctx], Plan]:
     """Two tiers of pyegress over its tier link, gost grammar: sidecar ``-L http://
     -F h2://`` (one shared HTTP/2 connection, a stream per tunnel) -> DMZ ``-L h2://``.
 
     With ``tls`` the link is mutual TLS (the DMZ requires a client certificate signed by
     the bench CA, the sidecar verifies the DMZ's as ``localhost``); without, ``h2c``.
+    With ``workers`` > 1 both tiers run ``--workers N`` (a supervisor and N worker
+    processes each; every sidecar worker has its own tier link).
     """
+    more = ["--workers", str(workers)] if workers > 1 else []
 
     def build(ctx: Ctx) -> Plan:
         front, back = ctx.port(), ctx.port()
@@ -291,10 +304,10 @@ def _pyegress_h2(tls: bool) -> Callable[[Ctx], Plan]:
             listen = hop = f"h2c://{HOST}:{back}"
         return Plan(
             [
-                Proc("dmz", _py("-m", "pyegress", "-L", listen), back, tier="dmz"),
+                Proc("dmz", _py("-m", "pyegress", "-L", listen, *more), back, tier="dmz"),
                 Proc(
                     "sidecar",
-                    _py("-m", "pyegress", "-L", f"http://{HOST}:{front}", "-F", hop),
+                    _py("-m", "pyegress", "-L", f"http://{HOST}:{front}", "-F", hop, *more),
                     front,
                     tier="sidecar",
                 ),
@@ -343,6 +356,45 @@ def _pyegress_policy(rules: int) -> Callable[[Ctx], Plan]:
         return Plan([Proc("pyegress", argv, port)], port)
 
     return build
+
+
+def _as_user(uid: int, argv: list[str]) -> list[str]:
+    """``argv`` as ``uid`` (and the same GID, no supplementary groups)."""
+    return ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", *argv]
+
+
+def _pyegress_redirect(ctx: Ctx) -> Plan:
+    """The redirect listener dialing the original destination itself, as its own user
+    (the nat rules let that user's connections through, as the installer's do)."""
+    port = ctx.port()
+    argv = _as_user(REDIRECT_UID, _py("-m", "pyegress", "-L", f"redirect://{HOST}:{port}"))
+    return Plan([Proc("pyegress", argv, port)], None, redirect_to=port)
+
+
+def _redsocks_squid(ctx: Ctx) -> Plan:
+    """redsocks (type http-connect) in front of squid: the C way to do case B."""
+    squid_port, port = ctx.port(), ctx.port()
+    squid = ["/usr/sbin/squid", "-N", "-f", str(_squid_conf(ctx, squid_port))]
+    conf = ctx.write(
+        "redsocks.conf",
+        f"""base {{
+    log_debug = off;
+    log_info = off;
+    log = stderr;
+    daemon = off;
+    redirector = iptables;
+}}
+redsocks {{
+    local_ip = {HOST};
+    local_port = {port};
+    ip = {HOST};
+    port = {squid_port};
+    type = http-connect;
+}}
+""",
+    )
+    redsocks = ["/usr/sbin/redsocks", "-c", str(conf)]
+    return Plan([Proc("squid", squid, squid_port), Proc("redsocks", redsocks, port)], None, port)
 
 
 SUBJECTS: dict[str, Subject] = {
@@ -414,6 +466,13 @@ SUBJECTS: dict[str, Subject] = {
             two_tier=True,
         ),
         Subject(
+            "pyegress-h2-w2",
+            "http",
+            "pyegress-h2 with --workers 2 at both tiers (SO_REUSEPORT workers)",
+            _pyegress_h2(tls=True, workers=2),
+            two_tier=True,
+        ),
+        Subject(
             "pyegress-h2c",
             "http",
             "pyegress sidecar -F h2c:// (HTTP/2 without TLS) -> pyegress DMZ; reference",
@@ -433,6 +492,21 @@ SUBJECTS: dict[str, Subject] = {
             "pproxy http -> TLS per tunnel (unverified) -> pproxy http+ssl (uvloop)",
             _pproxy_tls_chain,
             two_tier=True,
+        ),
+        # Transparent (case B): nat OUTPUT REDIRECT of the origin's ports, in a namespace.
+        Subject(
+            "pyegress-redirect",
+            "none",
+            "pyegress -L redirect:// (SO_ORIGINAL_DST, sniffing on), dialing directly",
+            _pyegress_redirect,
+            netns=True,
+        ),
+        Subject(
+            "redsocks-squid",
+            "none",
+            "redsocks (http-connect) -> squid, the C way without a mesh",
+            _redsocks_squid,
+            netns=True,
         ),
     ]
 }
@@ -482,6 +556,18 @@ SETS: dict[str, SubjectSet] = {
             ["pyegress-h2", "stunnel-squid", "pproxy-http-tls-chain"],
             ["stunnel-squid", "pproxy-http-tls-chain"],
             "two tiers, sidecar -> encrypted link -> DMZ -> origin",
+        ),
+        SubjectSet(
+            "workers",
+            ["pyegress-h2", "pyegress-h2-w2"],
+            ["pyegress-h2"],
+            "the two-tier chain with one process per tier and with --workers 2 at both",
+        ),
+        SubjectSet(
+            "redirect",
+            ["pyegress-redirect", "redsocks-squid"],
+            ["redsocks-squid"],
+            "transparent: the load generator's connections to the origin are REDIRECTed",
         ),
     ]
 }
@@ -659,6 +745,97 @@ def running(plan: Plan, tmp: Path, timeout: float) -> Iterator[list[Started] | s
     finally:
         for st in reversed(started):
             st.stop()
+
+
+# --------------------------------------------------------------------------- namespace
+
+CLONE_NEWNET = 0x40000000
+
+
+def _setns(fd: int) -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.setns(fd, CLONE_NEWNET) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"setns: {os.strerror(err)}")
+
+
+def _ip(*argv: str) -> None:
+    subprocess.run(["ip", *argv], check=True, capture_output=True, timeout=30)
+
+
+@contextlib.contextmanager
+def own_namespace() -> Iterator[str]:
+    """Move this (still single-threaded) process into a fresh network namespace with
+    only ``lo``; everything started afterwards (origin, proxies, load generator) runs
+    there. Moves back and deletes the namespace at the end."""
+    if os.geteuid() != 0 or shutil.which("ip") is None or shutil.which("iptables") is None:
+        raise RuntimeError("the redirect subjects need root, ip and iptables")
+    name = f"pyebench-{secrets.token_hex(3)}"
+    home = os.open("/proc/self/ns/net", os.O_RDONLY)
+    _ip("netns", "add", name)
+    try:
+        target = os.open(f"/run/netns/{name}", os.O_RDONLY)
+        try:
+            _setns(target)
+        finally:
+            os.close(target)
+        try:
+            _ip("link", "set", "lo", "up")
+            yield name
+        finally:
+            _setns(home)
+    finally:
+        os.close(home)
+        subprocess.run(["ip", "netns", "del", name], capture_output=True, check=False)
+
+
+REDIRECT_CHAIN = "BENCH_REDIRECT"
+
+
+def _exempt_uids() -> list[int]:
+    """The users whose connections are never redirected: pyegress's, and squid's
+    (``proxy``), which dial the origin themselves."""
+    uids = [REDIRECT_UID]
+    with contextlib.suppress(KeyError):
+        uids.append(pwd.getpwnam("proxy").pw_uid)
+    return uids
+
+
+def redirect_rules(ports: Sequence[int], to: int) -> tuple[list[list[str]], list[list[str]]]:
+    """iptables commands (and their undo) redirecting TCP to ``HOST:ports`` to ``to``,
+    in the style of the source article's initContainer, plus the owner exemption."""
+    nat = ["iptables", "-w", "-t", "nat"]
+    rules = [[*nat, "-N", REDIRECT_CHAIN]]
+    rules += [
+        [*nat, "-A", REDIRECT_CHAIN, "-m", "owner", "--uid-owner", str(uid), "-j", "RETURN"]
+        for uid in _exempt_uids()
+    ]
+    rules.append(
+        [*nat, "-A", REDIRECT_CHAIN, "-p", "tcp", "-d", HOST, "-m", "multiport",
+         "--dports", ",".join(map(str, ports)), "-j", "REDIRECT", "--to-ports", str(to)]
+    )  # fmt: skip
+    rules.append([*nat, "-A", "OUTPUT", "-p", "tcp", "-j", REDIRECT_CHAIN])
+    undo = [
+        [*nat, "-D", "OUTPUT", "-p", "tcp", "-j", REDIRECT_CHAIN],
+        [*nat, "-F", REDIRECT_CHAIN],
+        [*nat, "-X", REDIRECT_CHAIN],
+    ]
+    return rules, undo
+
+
+@contextlib.contextmanager
+def redirected(ports: Sequence[int], to: int | None) -> Iterator[None]:
+    if to is None:
+        yield
+        return
+    rules, undo = redirect_rules(ports, to)
+    try:
+        for argv in rules:
+            subprocess.run(argv, check=True, capture_output=True, timeout=30)
+        yield
+    finally:
+        for argv in undo:
+            subprocess.run(argv, check=False, capture_output=True, timeout=30)
 
 
 # --------------------------------------------------------------------------- load generator
@@ -945,7 +1122,11 @@ class Bench:
         except Exception as e:  # a missing tool: report and go on
             record["status"] = f"n/a: could not be set up ({e})"
             return record
-        with running(plan, tmp, self.s.start_timeout) as procs:
+        ports = (self.origin.echo, self.origin.source, self.origin.sink)
+        with (
+            redirected(ports, plan.redirect_to),
+            running(plan, tmp, self.s.start_timeout) as procs,
+        ):
             if isinstance(procs, str):
                 record["status"] = "n/a: did not start"
                 record["notes"].append(procs)
@@ -1454,7 +1635,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     t0 = time.monotonic()
     records: list[JSON] = []
     origin: Origin | None = None
+    namespace = contextlib.ExitStack()
     try:
+        if any(subj.netns for subj in subjects):
+            name = namespace.enter_context(own_namespace())
+            log(f"running in network namespace {name} (subjects behind a REDIRECT)")
         origin = Origin()
         bench = Bench(s, origin)
         for r in range(s.runs):
@@ -1480,6 +1665,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         if origin is not None:
             origin.stop()
+        namespace.close()
         if not args.keep_tmp:
             shutil.rmtree(tmp_root, ignore_errors=True)
         else:

@@ -89,12 +89,30 @@ def test_golden_iptables(name: str) -> None:
 def test_capture_order_sidecar_first_dns_and_fake_before_exclusions() -> None:
     lines = [line.strip() for line in render_nft(SPECS["full"]).splitlines()]
     tags = [m.group(1) for line in lines if (m := re.search(r'comment "pyegress/([^"]+)"$', line))]
-    tags = [t for t in tags if t not in ("output",)]
-    order = list(dict.fromkeys(tags))
+    split = tags.index("udp")  # the UDP filter chain follows the capture chain
+    order = list(dict.fromkeys(t for t in tags[:split] if t != "output"))
     assert order == [
         "owner-uid", "owner-gid", "mark", "loopback", "dns", "fake-range", "dmz", "exclude",
         "capture",
     ]  # fmt: skip
+    assert list(dict.fromkeys(tags[split + 1 :])) == [
+        "owner-uid", "owner-gid", "mark", "loopback", "udp-dns", "udp-reject", "dmz", "exclude",
+    ]  # fmt: skip
+
+
+def test_udp_other_than_dns_is_logged_and_rejected_unless_allowed() -> None:
+    nft = render_nft(SPECS["default"])
+    assert 'meta l4proto udp counter log prefix "pyegress-udp " reject' in nft
+    assert "type filter hook output priority filter" in nft
+    v4, v6 = render_iptables(SPECS["default"])
+    assert '-A PYEGRESS_UDP -p udp -m comment --comment "pyegress/udp-reject" -j LOG' in v4
+    assert "-j REJECT --reject-with icmp-port-unreachable" in v4
+    assert "-j REJECT --reject-with icmp6-port-unreachable" in v6
+    allow = RedirectSpec(udp="allow")
+    assert "refuse_udp" not in render_nft(allow)
+    assert "PYEGRESS_UDP" not in "".join(render_iptables(allow))
+    with pytest.raises(ValueError, match="udp must be"):
+        RedirectSpec(udp="drop")  # type: ignore[arg-type]
 
 
 def test_article_rules_are_contained() -> None:
@@ -342,7 +360,8 @@ def test_iptables_install_idempotent_and_uninstall_restores(
     # a change of mode replaces the earlier chains rather than adding to them
     other = "tproxy" if mode == "redirect" else "redirect"
     install_ok(app_ns, "install", "--backend", "iptables", "--mode", other)
-    assert ipt_state(app_ns).count("pyegress/jump") == (4 if other == "tproxy" else 2)
+    # per IP version: OUTPUT and PREROUTING (tproxy) or OUTPUT (nat), and the UDP filter
+    assert ipt_state(app_ns).count("pyegress/jump") == (6 if other == "tproxy" else 4)
     install_ok(app_ns, "uninstall", "--backend", "iptables")
     assert ipt_state(app_ns) == before
     assert "fwmark" not in app_ns.run("ip", "rule").stdout
@@ -462,12 +481,116 @@ def test_tproxy_delivers_with_the_original_destination(
         return sock
 
     listener = app_ns.call(transparent_listener)
-    responders.append(Responder(far_ns.listen("0.0.0.0", 8080), b"target"))
-    install_ok(app_ns, "install", "--backend", backend, "--mode", "tproxy", "--no-ipv6")
-    with app_ns.connect("203.0.113.2", 8080):
-        conn, _ = listener.accept()
-        with conn:
-            assert conn.getsockname() == ("203.0.113.2", 8080)
-    listener.close()
+    with listener:  # closed on every path, so a failure leaks no socket
+        responders.append(Responder(far_ns.listen("0.0.0.0", 8080), b"target"))
+        install_ok(app_ns, "install", "--backend", backend, "--mode", "tproxy", "--no-ipv6")
+        with app_ns.connect("203.0.113.2", 8080):
+            conn, _ = listener.accept()
+            with conn:
+                assert conn.getsockname() == ("203.0.113.2", 8080)
     install_ok(app_ns, "uninstall", "--backend", backend)
     assert read_word(app_ns.connect("203.0.113.2", 8080)) == b"target"
+
+
+UDP_PROBE = """
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.settimeout(3)
+s.connect((sys.argv[1], int(sys.argv[2])))
+try:
+    s.send(b"ping")
+    print(s.recv(64).decode())
+except PermissionError:  # the local send itself was rejected (netfilter verdict)
+    try:
+        s.recv(64)
+        print("eperm")
+    except ConnectionRefusedError:  # and the ICMP port unreachable arrived
+        print("eperm+refused")
+    except TimeoutError:
+        print("eperm+timeout")
+except ConnectionRefusedError:
+    print("refused")
+except TimeoutError:
+    print("timeout")
+"""
+
+
+class UdpEcho:
+    """Answers every datagram with ``pong`` (in whichever namespace made ``sock``)."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                _data, peer = self.sock.recvfrom(64)
+                if peer is None:  # woken by shutdown()
+                    return
+                self.sock.sendto(b"pong", peer)
+            except OSError:
+                return
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+        self.sock.close()
+        self.thread.join(5)
+
+
+def udp_refused(ns: netns.Namespace, backend: str) -> int:
+    """How many packets pyegress's UDP refusal (log + reject) has counted in ``ns``."""
+    if backend == "nft":
+        text = ns.run("nft", "list", "chain", "inet", "pyegress", "refuse_udp").stdout
+        return sum(int(n) for n in re.findall(r"counter packets (\d+)", text))
+    text = ns.run("iptables", "-w", "-t", "filter", "-L", "PYEGRESS_UDP", "-v", "-x", "-n").stdout
+    return sum(int(line.split()[0]) for line in text.splitlines() if " LOG " in f" {line} ")
+
+
+@pytest.mark.root
+@needs_netns
+@pytest.mark.parametrize("backend", ["nft", "iptables"])
+def test_udp_other_than_dns_is_refused_and_logged(
+    app_ns: netns.Namespace, far_ns: netns.Namespace, backend: str
+) -> None:
+    """UDP other than DNS fails at once (ICMP port unreachable: ECONNREFUSED on a
+    connected socket) and is counted by the logging rule; DNS, the sidecar's own UID and
+    ``--udp allow`` are let through."""
+
+    def bound(port: int) -> socket.socket:
+        def make() -> socket.socket:
+            sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            sock.bind(("0.0.0.0", port))
+            return sock
+
+        return far_ns.call(make)
+
+    echoes = [UdpEcho(bound(9999)), UdpEcho(bound(53))]
+    try:
+
+        def probe(port: int, uid: int | None = None) -> str:
+            argv = ["/usr/bin/python3", "-c", UDP_PROBE, "203.0.113.2", str(port)]
+            if uid is not None:
+                argv = ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", *argv]
+            done = subprocess.run(app_ns.argv(argv), capture_output=True, text=True, timeout=30)
+            assert done.returncode == 0, done.stderr
+            return done.stdout.strip()
+
+        assert probe(9999) == "pong"  # nothing installed yet
+        install_ok(app_ns, "install", "--backend", backend, "--no-ipv6")
+        before = udp_refused(app_ns, backend)
+        # send() fails at once (EPERM, the netfilter verdict) and the ICMP port
+        # unreachable the reject sent makes the next recv() fail with ECONNREFUSED
+        assert probe(9999) == "eperm+refused"
+        assert udp_refused(app_ns, backend) == before + 1
+        assert probe(53) == "pong"  # DNS is not refused
+        assert probe(9999, uid=10001) == "pong"  # nor the sidecar's own UDP
+        assert udp_refused(app_ns, backend) == before + 1
+        install_ok(app_ns, "install", "--backend", backend, "--no-ipv6", "--udp", "allow")
+        assert probe(9999) == "pong"
+        install_ok(app_ns, "uninstall", "--backend", backend)
+    finally:
+        for echo in echoes:
+            echo.close()

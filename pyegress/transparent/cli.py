@@ -192,6 +192,11 @@ def _spec_options(parser: argparse.ArgumentParser) -> None:
         "--ipv6", action=argparse.BooleanOptionalAction, default=True,
         help="capture IPv6 as well (default on)",
     )  # fmt: skip
+    parser.add_argument(
+        "--udp", choices=("reject", "allow"), default="reject",
+        help="UDP other than DNS: reject (default: logged with prefix 'pyegress-udp ' and "
+        "refused with ICMP port unreachable) or allow (left alone)",
+    )  # fmt: skip
     _routing_options(parser)
 
 
@@ -227,6 +232,7 @@ def spec_from_args(args: argparse.Namespace) -> RedirectSpec:
         fake_ranges=fake,
         dns_port=args.dns_port,
         ipv6=args.ipv6,
+        udp=args.udp,
         tproxy_mark=args.tproxy_mark,
         route_table=args.route_table,
     )

@@ -117,7 +117,7 @@ def merge_restore(rendered: str, cleanup: dict[str, list[str]]) -> str:
 
 
 def _saved(save: str) -> str:
-    return "".join(_run([save, "-t", table]) for table in ("nat", "mangle"))
+    return "".join(_run([save, "-t", table]) for table in ("nat", "mangle", "filter"))
 
 
 def _ipt_apply(spec: RedirectSpec | None, backend: Backend) -> None:
@@ -238,7 +238,7 @@ def render_uninstall(backend: Backend, routes: Routes) -> str:
         text = nft_prelude()
     else:
         text = "# iptables-restore / ip6tables-restore --noflush: -D the jumps into, -F and -X\n"
-        text += "# every PYEGRESS_* chain found by iptables-save in the nat and mangle tables\n"
+        text += "# every PYEGRESS_* chain iptables-save shows in the nat, mangle, filter tables\n"
     steps = [line.replace(" add ", " del ", 1) for line in routes.describe()]
     return (
         text + "# policy routing (pyroute2), when present:\n" + "".join(f"# {s}\n" for s in steps)

@@ -25,6 +25,15 @@ In ``redirect`` mode step 7 is a NAT ``REDIRECT`` in the output hook (the listen
 policy route (``ip rule fwmark M lookup T`` + ``local default dev lo table T``, set by the
 installer) loops the packet back through ``lo``, and a prerouting rule hands it to the
 listener with ``TPROXY``; DNS stays a NAT redirect there.
+
+UDP other than DNS is not proxied. With ``udp="reject"`` (the default) a filter chain in
+the output hook refuses it *loudly*: the same exemptions (steps 1-3), then UDP whose
+original destination port (conntrack's, before any redirect to the DNS port) is 53
+returns, UDP to a fake range is logged and rejected (QUIC to a fake address must fail
+fast so the client falls back to TCP), the DMZ and excluded CIDRs return, and any other
+UDP is logged (``pyegress-udp `` prefix) and rejected with ICMP port unreachable, so a
+connected socket gets ECONNREFUSED at once instead of a silent timeout. ``udp="allow"``
+leaves UDP alone.
 """
 
 from __future__ import annotations
@@ -38,6 +47,7 @@ from pyegress.transparent.fakeip import DEFAULT_RANGE, DEFAULT_RANGE6
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 PortRange = tuple[int, int]
 Mode = Literal["redirect", "tproxy"]
+UdpPolicy = Literal["reject", "allow"]
 
 NFT_TABLE = "pyegress"
 CHAIN_PREFIX = "PYEGRESS_"
@@ -59,6 +69,9 @@ DEFAULT_FAKE_RANGES: tuple[Network, ...] = (
     ipaddress.ip_network(DEFAULT_RANGE),
     ipaddress.ip_network(DEFAULT_RANGE6),
 )
+
+# The kernel log prefix of refused UDP (nft ``log prefix``, iptables ``--log-prefix``).
+UDP_LOG_PREFIX = "pyegress-udp "
 
 # iptables' multiport takes at most 15 ports, a range counting as two.
 _MULTIPORT_MAX = 15
@@ -84,6 +97,8 @@ class RedirectSpec:
     # UDP and TCP port 53 go to this port of the sidecar when set.
     dns_port: int | None = None
     ipv6: bool = True
+    # UDP other than DNS from the pod's applications: logged and rejected, or left alone.
+    udp: UdpPolicy = "reject"
     # TPROXY only: the mark that selects the policy route, and that route's table.
     tproxy_mark: int = DEFAULT_TPROXY_MARK
     route_table: int = DEFAULT_ROUTE_TABLE
@@ -104,6 +119,8 @@ class RedirectSpec:
         for mark in (self.mark, self.tproxy_mark):
             if mark is not None and not 0 < mark < 2**32:
                 raise ValueError(f"mark {mark:#x} is out of range")
+        if self.udp not in ("reject", "allow"):
+            raise ValueError(f"udp must be reject or allow, not {self.udp!r}")
         if self.mode == "tproxy" and self.mark == self.tproxy_mark:
             raise ValueError("the sidecar's mark must differ from the TPROXY mark")
         if not 0 < self.route_table < 2**32 or self.route_table in (253, 254, 255):
@@ -195,6 +212,28 @@ def _nft_capture(spec: RedirectSpec, action: str) -> list[str]:
     return rules
 
 
+def _nft_udp(spec: RedirectSpec) -> list[str]:
+    """The UDP filter chain's rules: exemptions, DNS, then log + reject (module doc)."""
+    refuse = f'counter log prefix "{UDP_LOG_PREFIX}" reject {_nft_tag("udp-reject")}'
+    # DNS by its original port: a query redirected to --dns-port no longer has dport 53,
+    # and the output hook's oifname still names the route chosen before the redirect.
+    dns = f"meta l4proto udp ct original proto-dst 53 return {_nft_tag('udp-dns')}"
+    rules = [*_nft_exempt(spec), dns]
+    for version, key in ((4, "ip"), (6, "ip6")):
+        if version in spec.versions and (fake := spec.nets(spec.fake_ranges, version)):
+            items = [str(net) for net in fake]
+            rules.append(f"{key} daddr {_nft_set(items)} meta l4proto udp {refuse}")
+    for purpose, nets in (("dmz", spec.dmz), ("exclude", spec.exclude)):
+        for version, key in ((4, "ip"), (6, "ip6")):
+            if version in spec.versions and (chosen := spec.nets(nets, version)):
+                items = [str(net) for net in chosen]
+                rules.append(
+                    f"{key} daddr {_nft_set(items)} meta l4proto udp return {_nft_tag(purpose)}"
+                )
+    rules.append(f"meta l4proto udp {refuse}")
+    return rules
+
+
 def _nft_chain(name: str, hook: str, rules: list[str], purpose: str) -> list[str]:
     lines = [f"\tchain {name} {{", f'\t\tcomment "{TAG}/{purpose}"', f"\t\t{hook}"]
     lines += [f"\t\t{rule}" for rule in rules]
@@ -236,6 +275,9 @@ def render_nft(spec: RedirectSpec) -> str:
         ]
         pre_hook = "type filter hook prerouting priority mangle; policy accept;"
         chains.append(_nft_chain("deliver", pre_hook, tproxy, "deliver"))
+    if spec.udp == "reject":
+        filter_hook = "type filter hook output priority filter; policy accept;"
+        chains.append(_nft_chain("refuse_udp", filter_hook, _nft_udp(spec), "udp"))
     lines = [
         f"# {spec.comment} ({spec.mode}): nftables, apply with nft -f",
         nft_prelude().rstrip("\n"),
@@ -315,6 +357,31 @@ def _ipt_capture(spec: RedirectSpec, chain: str, version: int, action: str) -> l
     return rules
 
 
+def _ipt_udp(spec: RedirectSpec, chain: str, version: int) -> list[str]:
+    """The UDP filter chain of one IP version: exemptions, DNS, log + reject."""
+    unreachable = "icmp-port-unreachable" if version == 4 else "icmp6-port-unreachable"
+
+    def refuse(match: str) -> list[str]:
+        head = f"-A {chain}{match} -p udp {_ipt_tag('udp-reject')}"
+        return [
+            f'{head} -j LOG --log-prefix "{UDP_LOG_PREFIX}"',
+            f"{head} -j REJECT --reject-with {unreachable}",
+        ]
+
+    rules = _ipt_exempt(spec, chain)
+    rules.append(
+        f"-A {chain} -p udp -m conntrack --ctorigdstport 53 {_ipt_tag('udp-dns')} -j RETURN"
+    )
+    for net in spec.nets(spec.fake_ranges, version):
+        rules += refuse(f" -d {net}")
+    for purpose, nets in (("dmz", spec.dmz), ("exclude", spec.exclude)):
+        rules += [
+            f"-A {chain} -d {net} -p udp {_ipt_tag(purpose)} -j RETURN"
+            for net in spec.nets(nets, version)
+        ]
+    return rules + refuse("")
+
+
 def _ipt_jump(builtin: str, chain: str) -> str:
     return f"-I {builtin} 1 {_ipt_tag('jump')} -j {chain}"
 
@@ -350,6 +417,10 @@ def render_iptables_family(spec: RedirectSpec, version: int) -> str:
             dns = f"{CHAIN_PREFIX}DNS"
             rules = [*_ipt_exempt(spec, dns), *_ipt_dns(spec, dns), _ipt_jump("OUTPUT", dns)]
             tables.append(_ipt_table("nat", [dns], rules))
+    if spec.udp == "reject":
+        udp = f"{CHAIN_PREFIX}UDP"
+        rules = [*_ipt_udp(spec, udp, version), _ipt_jump("OUTPUT", udp)]
+        tables.append(_ipt_table("filter", [udp], rules))
     ip = "iptables" if version == 4 else "ip6tables"
     lines = [f"# {spec.comment} ({spec.mode}): IPv{version}, apply with {ip}-restore --noflush"]
     for table in tables:

@@ -36,15 +36,28 @@ SIDECAR_GID = 4242
 
 
 class Sidecar(NetnsPyegress):
-    """pyegress in the app namespace, as GID :data:`SIDECAR_GID`."""
+    """pyegress in the app namespace, as GID :data:`SIDECAR_GID` (and, given ``uid``,
+    as that user, keeping only the capabilities in ``caps``, e.g. ``("net_admin",)``)."""
 
-    def __init__(self, ns: Namespace, args: Sequence[str], workdir: Path) -> None:
+    def __init__(
+        self,
+        ns: Namespace,
+        args: Sequence[str],
+        workdir: Path,
+        uid: int | None = None,
+        caps: Sequence[str] = (),
+    ) -> None:
         self.ports = []
         self.ns = ns
         env = dict(os.environ)
         env["PYTHONUNBUFFERED"] = "1"
         env["PYEGRESS_LOOP"] = "uvloop"
         argv = ["setpriv", f"--regid={SIDECAR_GID}", "--clear-groups"]
+        if uid is not None:
+            argv.append(f"--reuid={uid}")
+        if caps:
+            wanted = ",".join(f"+{cap}" for cap in caps)
+            argv += [f"--inh-caps={wanted}", f"--ambient-caps={wanted}"]
         argv += [sys.executable, "-m", "pyegress", *args]
         procs.Process.__init__(
             self, ns.argv(argv), workdir / f"sidecar-{time.monotonic_ns()}.log", env
@@ -115,8 +128,10 @@ class AppNamespace:
 
     # -- processes --------------------------------------------------------------------
 
-    def sidecar(self, args: Sequence[str]) -> Sidecar:
-        proc = Sidecar(self.ns, args, self.workdir)
+    def sidecar(
+        self, args: Sequence[str], uid: int | None = None, caps: Sequence[str] = ()
+    ) -> Sidecar:
+        proc = Sidecar(self.ns, args, self.workdir, uid, caps)
         self._procs.append(proc)
         return proc
 
