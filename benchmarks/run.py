@@ -419,6 +419,24 @@ SUBJECTS: dict[str, Subject] = {
             "pyegress -L socks5://",
             _single("pyegress", lambda p: _py("-m", "pyegress", "-L", f"socks5://{HOST}:{p}")),
         ),
+        Subject(
+            "pyegress-http-nosplice",
+            "http",
+            "pyegress -L http://...?splice=false (the plain relay, no zero-copy)",
+            _single(
+                "pyegress",
+                lambda p: _py("-m", "pyegress", "-L", f"http://{HOST}:{p}?splice=false"),
+            ),
+        ),
+        Subject(
+            "pyegress-socks5-nosplice",
+            "socks5",
+            "pyegress -L socks5://...?splice=false (the plain relay, no zero-copy)",
+            _single(
+                "pyegress",
+                lambda p: _py("-m", "pyegress", "-L", f"socks5://{HOST}:{p}?splice=false"),
+            ),
+        ),
         Subject("squid", "http", "squid -N, no cache, no access log", _squid),
         Subject("tinyproxy", "http", "tinyproxy -d, no ConnectPort limit", _tinyproxy),
         Subject(
@@ -544,6 +562,19 @@ SETS: dict[str, SubjectSet] = {
             ],
             [ANCHOR_ALL, "pproxy-{proto}"],
             "one proxy process (or one squid) between client and origin (the default)",
+        ),
+        SubjectSet(
+            "splice",
+            [
+                "direct",
+                "pyegress-http",
+                "pyegress-http-nosplice",
+                "pyegress-socks5",
+                "pyegress-socks5-nosplice",
+                "squid",
+            ],
+            [ANCHOR_ALL, "direct", "pyegress-{proto}-nosplice"],
+            "the zero-copy relay (the default on plain TCP legs) against the plain relay",
         ),
         SubjectSet(
             "policy",

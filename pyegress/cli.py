@@ -47,6 +47,7 @@ _IMPLEMENTED = {
     "dns_timeout",
     "bypass",
     "max_lifetime",
+    "splice",
     "crl",
     "sniffing",
     "sniffing_timeout",
@@ -105,7 +106,21 @@ def build_parser() -> argparse.ArgumentParser:
         "--drain-timeout", type=float, default=DEFAULT_DRAIN_TIMEOUT, metavar="SECONDS",
         help="on SIGTERM/SIGINT, how long open tunnels may finish (default %(default)s)",
     )  # fmt: skip
+    parser.add_argument(
+        "--workers", type=_workers_arg, default=1, metavar="N|auto",
+        help="worker processes sharing the listening ports (SO_REUSEPORT) under one "
+        "supervisor; auto: one per core (default %(default)s)",
+    )  # fmt: skip
     return parser
+
+
+def _workers_arg(text: str) -> int:
+    from pyegress.workers import parse_workers
+
+    try:
+        return parse_workers(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _strip_eq(values: Sequence[str]) -> list[str]:
@@ -168,6 +183,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         from pyegress.transparent.cli import main as redirect_main
 
         return redirect_main(argv[1:])
+    from pyegress import workers
+
+    worker = workers.worker_identity()  # (index, count) in a worker of --workers
+    if worker is not None:
+        workers.worker_prelude()
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.version:
@@ -206,15 +226,24 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "an h2 tier link, where a policy would dial around the DMZ"
                 )
             policy = load_policy(args.config)
+        count = 1 if worker is not None else args.workers
+        workers.check_config(count, listen, args.audit_file)
+        debug = args.debug > 0 or (gost is not None and gost.debug)
+        if count > 1:
+            return _supervise(argv, count, args, debug, listen, forward, policy)
+        audit_file = args.audit_file
+        if audit_file is not None:
+            audit_file = workers.audit_path(audit_file, worker[0] if worker else 0)
         try:
             output = logmod.configure(
-                debug=args.debug > 0 or (gost is not None and gost.debug),
-                audit_file=args.audit_file,
+                debug=debug,
+                audit_file=audit_file,
                 audit_max_bytes=args.audit_max_bytes,
                 audit_backups=args.audit_backups,
+                fields={"worker": worker[0]} if worker is not None else None,
             )
         except OSError as exc:
-            raise ConfigError(f"--audit-file {args.audit_file}: {exc.strerror or exc}") from None
+            raise ConfigError(f"--audit-file {audit_file}: {exc.strerror or exc}") from None
         log = logmod.get_logger()
         _warn_params(listen, forward, log)
         if policy is not None:
@@ -227,10 +256,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 drain_timeout=args.drain_timeout,
                 policy=policy,
                 policy_path=args.config if policy is not None else None,
-                metrics_address=args.metrics,
+                # A worker's metrics are served merged by its supervisor.
+                metrics_address=args.metrics if worker is None else None,
                 output=output,
+                worker=worker[0] if worker is not None else None,
             )
-            _run(engine.run())
+            _run(engine.run() if worker is None else workers.serve_worker(engine))
         finally:
             logmod.close()
     except ConfigError as exc:
@@ -239,6 +270,39 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:  # a second Ctrl-C during the drain
         return 130
     return 0
+
+
+def _supervise(
+    argv: Sequence[str],
+    count: int,
+    args: argparse.Namespace,
+    debug: bool,
+    listen: Sequence[Node],
+    forward: Sequence[Node],
+    policy: Any,
+) -> int:
+    """``--workers N`` (N > 1): this process supervises N workers (pyegress/workers.py)."""
+    from pyegress.workers import SharedStdout, supervise
+
+    stdout = SharedStdout(sys.stdout)
+    logmod.configure(debug=debug, stream=stdout)  # type: ignore[arg-type]
+    log = logmod.get_logger()
+    try:
+        _warn_params(listen, forward, log)
+        # Built and dropped: what a worker would refuse is refused here, before any starts.
+        Engine(listen, forward, log, policy=policy, metrics_address=args.metrics)
+        if policy is not None:
+            log.info("policy_loaded", file=args.config, policy_version=policy.version)
+        return supervise(
+            argv,
+            count,
+            log,
+            stdout,
+            metrics_address=args.metrics,
+            drain_timeout=args.drain_timeout,
+        )
+    finally:
+        logmod.close()
 
 
 if __name__ == "__main__":  # pragma: no cover

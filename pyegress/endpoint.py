@@ -19,6 +19,7 @@ transports (``loop.start_tls`` keeps the same protocol object).
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 import ssl
 import struct
@@ -345,6 +346,58 @@ class TcpEndpoint(asyncio.Protocol, BufferedEndpoint):
         """Hand over (and forget) what was received but not read yet."""
         data = bytes(self._buf)
         self._buf.clear()
+        return data
+
+    # -- leaving the socket to the zero-copy relay (splice.py) --------------------------
+
+    def splice_ready(self) -> bool:
+        """Whether a raw-socket relay may take this connection over: a plain TCP
+        connection (no TLS), still open, with nothing waiting to be written."""
+        transport = self.transport
+        if transport is None or self._closed or self._relay is not None:
+            return False
+        if transport.is_closing() or transport.get_write_buffer_size():
+            return False
+        if transport.get_extra_info("sslcontext") is not None:
+            return False
+        if transport.get_extra_info("ssl_object") is not None:
+            return False
+        sock = transport.get_extra_info("socket")
+        return (
+            sock is not None
+            and sock.type == socket.SOCK_STREAM
+            and sock.family in (socket.AF_INET, socket.AF_INET6)
+        )
+
+    def dup_socket(self) -> socket.socket:
+        """A second, non-blocking handle on this connection's socket (``OSError`` when
+        no descriptor is left). The transport keeps its own until :meth:`hand_over`."""
+        assert self.transport is not None
+        fd = os.dup(self.transport.get_extra_info("socket").fileno())
+        try:
+            sock = socket.socket(fileno=fd)
+            sock.setblocking(False)
+        except OSError:
+            os.close(fd)
+            raise
+        return sock
+
+    def hand_over(self) -> bytes:
+        """Leave the connection to the holder of a :meth:`dup_socket` handle.
+
+        Returns what was received but not read yet (counted in ``bytes_in``, as the
+        relay counts what it delivers), then closes the transport: that closes the
+        transport's descriptor only, so the connection stays open on the other handle
+        with no FIN or RST sent. The endpoint is closed from here on: writes, ``close``
+        and ``abort`` do nothing, and the transport's ``connection_lost`` reaches no relay.
+        """
+        data = bytes(self._buf)
+        self._buf.clear()
+        self.bytes_in += len(data)
+        self._paused_by_buffer = False
+        self._closed = True
+        if self.transport is not None:
+            self.transport.close()
         return data
 
     def close(self) -> None:

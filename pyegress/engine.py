@@ -21,7 +21,7 @@ from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
-from pyegress import __version__
+from pyegress import __version__, splice
 from pyegress.chain import Chain, direct
 from pyegress.config.nodes import Node
 from pyegress.endpoint import Endpoint, TcpEndpoint
@@ -118,6 +118,8 @@ class Service:
         self.password = node.password
         self.server: asyncio.Server | None = None
         self.max_streams = max(1, node.integer("max_streams", 1000))
+        # The zero-copy relay where both legs are plain TCP (splice.py).
+        self.splice = node.flag("splice", True) and splice.enabled()
         # gost's service bypass (gost-compat 3.3): matching targets are rejected, or with
         # "~" only matching targets pass. Judged on the target as named, never resolved.
         bypass = node.param("bypass")
@@ -179,14 +181,19 @@ class Service:
         try:
             if ctx is None:
                 self.server = await loop.create_server(
-                    factory, host, self.node.port, reuse_address=True, backlog=1024
+                    factory,
+                    host,
+                    self.node.port,
+                    reuse_address=True,
+                    reuse_port=self.engine.reuse_port or None,
+                    backlog=1024,
                 )
             else:
                 from pyegress.listeners.tls import TlsServer
 
                 server = TlsServer(factory, ctx, self.handshake_timeout, self.log)
                 server.on_result = self._handshake_result
-                await server.start(host, self.node.port)
+                await server.start(host, self.node.port, reuse_port=self.engine.reuse_port)
                 self._tls_server = server
                 self.server = server  # type: ignore[assignment]
         except OSError as exc:
@@ -223,6 +230,7 @@ class Service:
             client=address,
             tier=tier,
             instance=self.engine.instance,
+            worker=self.engine.worker,
         )
         state = self.engine.state
         version = state.policy.version if state.policy is not None else None
@@ -295,6 +303,7 @@ class Service:
             identity=client.identity,
             tier=engine.tier,
             instance=engine.instance,
+            worker=engine.worker,
         )
         state = t.state = engine.state  # the tunnel keeps it across a reload
         if state.policy is not None:
@@ -476,7 +485,8 @@ class Service:
         asyncio.get_running_loop().call_later(_METER_PERIOD, self._meter, t, relay)
 
     async def relay(self, t: Tunnel, client: Endpoint, upstream: Endpoint) -> None:
-        relay = Relay(client, upstream, self.idle_timeout)  # byte counts start here
+        kind = splice.SpliceRelay if self.splice else Relay
+        relay = kind(client, upstream, self.idle_timeout)  # byte counts start here
         t.relay = relay
         lifetime: asyncio.TimerHandle | None = None
         meter: asyncio.TimerHandle | None = None
@@ -501,6 +511,8 @@ class Service:
                     handle.cancel()
             t.bytes_up += relay.bytes_up
             t.bytes_down += relay.bytes_down
+            if relay.reason is not None:
+                t.relay_kind = relay.kind
             t.relay = None
 
 
@@ -549,6 +561,7 @@ class Engine:
         policy_path: str | None = None,
         metrics_address: str | None = None,
         output: Output | None = None,
+        worker: int | None = None,
     ) -> None:
         if not listen:
             raise ConfigError("nothing to serve: give at least one -L")
@@ -568,6 +581,12 @@ class Engine:
         self.metrics_address = metrics_address
         self.admin: asyncio.AbstractServer | None = None
         self.instance = socket.gethostname()
+        # One of several --workers processes: listeners share their ports (SO_REUSEPORT),
+        # records name the worker, and on_change tells the supervisor of every readiness
+        # or policy change ("ready", "reload", "draining").
+        self.worker = worker
+        self.reuse_port = worker is not None
+        self.on_change: Callable[[str], None] | None = None
         self.tier = _tier_of(listen, forward, policy)
         self._limits = Limits(policy.limits) if policy is not None else None
         self.state = self._state_for(policy)
@@ -679,6 +698,11 @@ class Engine:
         metrics.set_ready(self.tier, True)
         if self.tier == "sidecar":
             self.spawn(self._watch_links())
+        self._changed("ready")
+
+    def _changed(self, what: str) -> None:
+        if self.on_change is not None:
+            self.on_change(what)
 
     def _loop_exception(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
         """Errors the event loop catches (a failed TLS handshake, mostly) as one log line."""
@@ -737,6 +761,7 @@ class Engine:
                 error=str(exc).splitlines()[0][:512],
                 policy_version=old.policy.version if old.policy is not None else None,
             )
+            self._changed("reload")
             return
         for service, ctx in zip(self.services, contexts, strict=True):
             service.set_tls_context(ctx)
@@ -753,6 +778,7 @@ class Engine:
             policy_version=policy.version if policy is not None else None,
             previous_version=old.policy.version if old.policy is not None else None,
         )
+        self._changed("reload")
 
     def _export_cert_expiry(self) -> None:
         for kind, path in self._cert_files():
@@ -786,6 +812,7 @@ class Engine:
         self.stopping = True
         metrics.set_ready(self.tier, False)
         metrics.set_draining(self.tier, True)
+        self._changed("draining")
         for service in self.services:
             if service.server is not None:
                 service.server.close()

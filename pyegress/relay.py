@@ -14,6 +14,10 @@ relay only keeps the tunnel's end-of-life rules:
 - :meth:`Relay.stop` ends it from outside (``drain`` at shutdown).
 
 Byte counts are plain integers kept by the endpoints and read once at the end.
+
+Where both legs are plain TCP, :class:`pyegress.splice.SpliceRelay` keeps these same
+rules but moves the bytes inside the kernel (``os.splice``), falling back to this relay
+where it cannot.
 """
 
 from __future__ import annotations
@@ -58,12 +62,7 @@ class Relay:
         """Relay until the tunnel ends; return the close reason."""
         loop = asyncio.get_running_loop()
         self._done = loop.create_future()
-        self.client.attach(self.upstream, self)
-        if self.reason is None:
-            self.upstream.attach(self.client, self)
-        for side in (self.client, self.upstream):
-            if self.reason is None and side.closed:
-                self.on_lost(side, getattr(side, "error", None))
+        self._begin()
         if self.reason is None and self.idle_timeout > 0:
             self._idle_last_change = time.monotonic()
             self._idle_handle = loop.call_later(self._idle_period(), self._check_idle)
@@ -75,6 +74,20 @@ class Relay:
             raise
         assert self.reason is not None
         return self.reason
+
+    def _begin(self) -> None:
+        """Link the endpoints: from here on each delivers to the other."""
+        self.client.attach(self.upstream, self)
+        if self.reason is None:
+            self.upstream.attach(self.client, self)
+        for side in (self.client, self.upstream):
+            if self.reason is None and side.closed:
+                self.on_lost(side, getattr(side, "error", None))
+
+    @property
+    def kind(self) -> str:
+        """How the bytes move: ``plain`` (through the event loop's transports)."""
+        return "plain"
 
     @property
     def bytes_up(self) -> int:
@@ -134,14 +147,17 @@ class Relay:
         if self._idle_handle is not None:
             self._idle_handle.cancel()
             self._idle_handle = None
+        self._close_sides(reset)
+        done = self._done
+        if done is not None and not done.done():
+            done.set_result(None)
+
+    def _close_sides(self, reset: bool) -> None:
         for side in (self.client, self.upstream):
             if reset:
                 side.abort()
             else:
                 side.close()
-        done = self._done
-        if done is not None and not done.done():
-            done.set_result(None)
 
     def _idle_period(self) -> float:
         return max(0.05, min(self.idle_timeout / 4, 5.0))
@@ -151,7 +167,7 @@ class Relay:
         if self.reason is not None:
             return
         now = time.monotonic()
-        total = self.client.bytes_in + self.upstream.bytes_in
+        total = self.bytes_up + self.bytes_down
         if total != self._idle_last_total:
             self._idle_last_total = total
             self._idle_last_change = now

@@ -53,6 +53,7 @@ class Tunnel:
     client: tuple[str, int]
     tier: str = "proxy"
     instance: str = ""
+    worker: int | None = None  # which of several --workers processes (None: just one)
     conn_id: str = field(default_factory=new_conn_id)
     started: float = field(default_factory=time.monotonic)
     host: str = ""
@@ -66,6 +67,7 @@ class Tunnel:
     bytes_up: int = 0
     bytes_down: int = 0
     relay: Relay | None = None
+    relay_kind: str | None = None  # how the bytes moved: "plain" or "splice"
     policy_version: str | None = None
     decision_logged: bool = False
     # The verdict: filled by the judge (or a fallback), written once.
@@ -129,6 +131,8 @@ class Tunnel:
                 "name_source": self.name_source,
             },
         }
+        if self.worker is not None:
+            record["worker"] = self.worker
         if self.orig_dst is not None:
             record["orig_dst"] = self.orig_dst
         for key in ("tls", "http", "dns", "decision", "upstream"):
@@ -150,6 +154,8 @@ class Tunnel:
             "close_reason": self.reason or "eof",
             "error": cap(self.error, DETAIL_CAP),
         }
+        if self.relay_kind is not None:
+            record["result"]["relay"] = self.relay_kind
         record["bytes"] = {"from_client": self.bytes_up, "to_client": self.bytes_down}
         record["duration_ms"] = round((time.monotonic() - self.started) * 1000, 3)
         return record

@@ -4,6 +4,12 @@ A path is a way a client's bytes reach the origin through pyegress: each listene
 direct dial, port forwarding, and chains through a second pyegress over HTTP CONNECT
 and SOCKS5, on uvloop and on the standard loop. Scenarios: byte integrity and order on
 large transfers, half-close, resets both ways, backpressure, and the close record.
+
+Paths whose legs are all plain TCP run twice: with the zero-copy relay (``splice``, the
+default there) and with it turned off (``splice=false``: the ``plain`` relay). Paths
+through the h2 tier link run once and must fall back to the plain relay by themselves.
+Every case checks the close records for the relay that actually ran
+(``result.relay``), so a silent fallback fails the splice cases.
 """
 
 from __future__ import annotations
@@ -13,7 +19,7 @@ import random
 import socket
 import struct
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import pytest
@@ -37,6 +43,7 @@ Opener = Callable[[], socket.socket]
 class Path:
     open: Opener
     procs: list[Pyegress]
+    relay: str = "plain"  # the relay every tunnel of this path must have used
 
     @property
     def entry(self) -> Pyegress:
@@ -70,7 +77,7 @@ def _socks4_opener(port: int, origin: TcpOrigin) -> Opener:
     return open_
 
 
-PATHS = [
+TCP_PATHS = [
     "http-uvloop",
     "http-asyncio",
     "socks5",
@@ -79,16 +86,52 @@ PATHS = [
     "tcp-forward",
     "chain-http",
     "chain-socks5",
+]
+H2_PATHS = [
     "h2-link",
     "h2-link-asyncio",
     "h2c-link-socks5",
 ]
+PATHS = [
+    *(f"{name}/{relay}" for name in TCP_PATHS for relay in ("plain", "splice")),
+    *(f"{name}/auto" for name in H2_PATHS),
+]
+
+
+def _relays_used(proc: Pyegress) -> list[str]:
+    return [
+        r["result"]["relay"]
+        for r in proc.records("close")
+        if isinstance(r.get("result"), dict) and "relay" in r["result"]
+    ]
 
 
 @pytest.fixture(params=PATHS)
-def path(request: pytest.FixtureRequest, pyegress: PyegressFactory, tcp_origin: TcpOrigin) -> Path:
-    name: str = request.param
-    idle = "?idleTimeout=30"
+def path(
+    request: pytest.FixtureRequest, pyegress: PyegressFactory, tcp_origin: TcpOrigin
+) -> Iterator[Path]:
+    built = _build_path(request.param, pyegress, tcp_origin)
+    yield built
+    # Every process relayed at least one tunnel, each with the relay this path expects.
+    for proc in built.procs:
+        deadline = time.monotonic() + 10
+        used = _relays_used(proc)
+        while not used and time.monotonic() < deadline:
+            time.sleep(0.02)
+            used = _relays_used(proc)
+        assert used, "no close record names its relay:\n" + proc.output()[-2000:]
+        assert set(used) == {built.relay}, f"expected the {built.relay} relay, got {used}"
+
+
+def _build_path(param: str, pyegress: PyegressFactory, tcp_origin: TcpOrigin) -> Path:
+    name, relay = param.split("/")
+    path = _build(name, relay, pyegress, tcp_origin)
+    path.relay = "splice" if relay == "splice" else "plain"
+    return path
+
+
+def _build(name: str, relay: str, pyegress: PyegressFactory, tcp_origin: TcpOrigin) -> Path:
+    idle = "?idleTimeout=30" + ("&splice=false" if relay == "plain" else "")
     if name in ("http-uvloop", "http-asyncio"):
         loop = name.split("-")[1]
         p = pyegress(["-L", "http://127.0.0.1:{0}" + idle], loop=loop)

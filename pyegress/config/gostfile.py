@@ -76,6 +76,7 @@ _SUPPORTED = frozenset(
         "dns_timeout",
         "max_lifetime",
         "bypass",
+        "splice",
     }
 )
 _CANONICAL = frozenset(_PARAM_ALIASES.values())

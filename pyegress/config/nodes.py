@@ -136,6 +136,7 @@ _PARAM_ALIASES = {
     "crl": "crl",
     "tls.crl": "crl",
     "maxlifetime": "max_lifetime",
+    "splice": "splice",
 }
 _V3_PREFIXES = ("service.", "handler.", "listener.", "node.", "connector.", "dialer.", "hop.")
 

@@ -21,18 +21,28 @@ from typing import Any
 from pyegress.observe.log import Logger
 
 
-def _listening_sockets(host: str | None, port: int, backlog: int) -> list[socket.socket]:
+def _listening_sockets(
+    host: str | None, port: int, backlog: int, reuse_port: bool = False
+) -> list[socket.socket]:
+    """``reuse_port``: SO_REUSEPORT, so every worker of ``--workers`` binds the port and
+    the kernel spreads new connections over them."""
     if not host:
         if socket.has_dualstack_ipv6():
             sock = socket.create_server(
-                ("", port), family=socket.AF_INET6, dualstack_ipv6=True, backlog=backlog
+                ("", port),
+                family=socket.AF_INET6,
+                dualstack_ipv6=True,
+                backlog=backlog,
+                reuse_port=reuse_port,
             )
         else:
-            sock = socket.create_server(("", port), backlog=backlog)
+            sock = socket.create_server(("", port), backlog=backlog, reuse_port=reuse_port)
         return [sock]
     infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     family, _, _, _, address = infos[0]
-    return [socket.create_server(address[:2], family=family, backlog=backlog)]
+    return [
+        socket.create_server(address[:2], family=family, backlog=backlog, reuse_port=reuse_port)
+    ]
 
 
 class TlsServer:
@@ -55,8 +65,10 @@ class TlsServer:
         self._accepting: list[asyncio.Task[None]] = []
         self._handshakes: set[asyncio.Task[None]] = set()
 
-    async def start(self, host: str | None, port: int, backlog: int = 1024) -> None:
-        self.sockets = _listening_sockets(host, port, backlog)
+    async def start(
+        self, host: str | None, port: int, backlog: int = 1024, reuse_port: bool = False
+    ) -> None:
+        self.sockets = _listening_sockets(host, port, backlog, reuse_port)
         for sock in self.sockets:
             sock.setblocking(False)
             self._accepting.append(asyncio.ensure_future(self._accept(sock)))

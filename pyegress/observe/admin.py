@@ -36,6 +36,7 @@ LINGER_SECONDS = 1.0
 LINGER_BYTES = 64 * 1024
 
 Readiness = Callable[[], tuple[bool, str]]
+Render = Callable[[], tuple[bytes, str]]  # the /metrics body and its content type
 _Response = tuple[int, bytes, str, tuple[tuple[str, str], ...]]  # status, body, type, headers
 
 _REASONS = {
@@ -99,19 +100,25 @@ async def start_admin(
     *,
     request_timeout: float = REQUEST_TIMEOUT,
     max_connections: int = MAX_CONNECTIONS,
+    render: Render = metrics.render,
 ) -> asyncio.Server:
     """Listen on ``host:port`` (``None``: every interface) and serve the admin routes.
 
     ``readiness()`` returns ``(ready, reason)``; ``/readyz`` answers 200 ``ready`` or
-    503 with ``reason`` (e.g. ``draining``). Connections beyond ``max_connections`` are
-    closed unanswered. Close the returned server to stop."""
-    server = _AdminServer(readiness, request_timeout, max_connections)
+    503 with ``reason`` (e.g. ``draining``). ``render()`` makes the ``/metrics`` body
+    (this process's registry unless told otherwise: the supervisor of ``--workers``
+    serves every worker's, merged). Connections beyond ``max_connections`` are closed
+    unanswered. Close the returned server to stop."""
+    server = _AdminServer(readiness, request_timeout, max_connections, render)
     return await asyncio.start_server(server.handle, host, port)
 
 
 class _AdminServer:
-    def __init__(self, readiness: Readiness, request_timeout: float, max_connections: int):
+    def __init__(
+        self, readiness: Readiness, request_timeout: float, max_connections: int, render: Render
+    ):
         self._readiness = readiness
+        self._render = render
         self._request_timeout = request_timeout
         self._max_connections = max_connections
         self._active = 0
@@ -157,7 +164,7 @@ class _AdminServer:
             return 405, b"method not allowed\n", _TEXT, (("Allow", "GET, HEAD"),)
         if path == b"/metrics":
             loop = asyncio.get_running_loop()
-            body, content_type = await loop.run_in_executor(None, metrics.render)
+            body, content_type = await loop.run_in_executor(None, self._render)
             return 200, body, content_type, ()
         if path == b"/livez":
             return 200, b"ok\n", _TEXT, ()

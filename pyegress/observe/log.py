@@ -46,8 +46,10 @@ def configure(
     audit_file: str | None = None,
     audit_max_bytes: int = DEFAULT_MAX_BYTES,
     audit_backups: int = DEFAULT_BACKUPS,
+    fields: dict[str, Any] | None = None,
 ) -> Output:
-    """Set up logging and the audit output; returns the output (see :func:`output`)."""
+    """Set up logging and the audit output; returns the output (see :func:`output`).
+    ``fields`` are added to every log line (a worker's ``worker`` number)."""
     global _output
     from pyegress.observe import metrics
 
@@ -60,10 +62,12 @@ def configure(
         sink.on_written = _count_written
         sink.on_dropped = metrics.audit_dropped
     level = logging.DEBUG if debug else logging.INFO
+    extra: list[Any] = [_adder(fields)] if fields else []
     structlog.configure(
         processors=[
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True, key="ts"),
+            *extra,
             structlog.processors.JSONRenderer(),
         ],
         wrapper_class=structlog.make_filtering_bound_logger(level),
@@ -93,6 +97,14 @@ def _count_written(event: str) -> None:
         from pyegress.observe import metrics
 
         metrics.audit_event(event)
+
+
+def _adder(fields: dict[str, Any]) -> Any:
+    def add(_logger: Any, _method: str, event: dict[str, Any]) -> dict[str, Any]:
+        event.update(fields)
+        return event
+
+    return add
 
 
 def _factory(writer: _QueueWriter) -> Any:

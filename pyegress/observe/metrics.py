@@ -14,6 +14,12 @@ Label values never carry raw attacker text:
   ``"_other"``. Worst case for ``pyegress_decisions_total`` is therefore bounded, and
   in practice combinations are sparse.
 
+With ``--workers N`` each worker writes its values to files in
+``PROMETHEUS_MULTIPROC_DIR`` (prometheus-client's multiprocess mode) and the parent's
+admin listener serves them merged (:func:`render_merged`): counters and histograms are
+summed, and every gauge names how it combines (``multiprocess_mode``). The
+``process_*``/``python_gc_*`` collectors are per process and not merged.
+
 The helpers at the bottom are what the data path calls. Each keeps a dict from its
 (already normalised) label tuple to the prometheus child, so a hot call costs a few
 set/dict lookups and one locked add instead of a ``.labels()`` call. Because keys are
@@ -26,16 +32,30 @@ import os
 import platform
 import threading
 import time
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from cryptography import x509
-from prometheus_client import REGISTRY, Counter, Gauge, Histogram, disable_created_metrics
+from prometheus_client import (
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+)
 from prometheus_client import generate_latest as _generate_latest
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.multiprocess import MultiProcessCollector
 
 from pyegress import __version__
 from pyegress.errors import ConfigError
 
 disable_created_metrics()  # type: ignore[no-untyped-call]
+
+# prometheus-client chose its value store when it was imported: with this variable set
+# (a worker of ``--workers N``), values live in per-process files the parent merges.
+MULTIPROCESS = "PROMETHEUS_MULTIPROC_DIR" in os.environ
 
 # The text format every Prometheus version reads; generate_latest writes exactly this
 # format for our names (all legacy-valid), whatever version the library calls "latest".
@@ -236,19 +256,36 @@ IDENTITY_CLASS_LABEL = BoundedLabel("identity_class")
 # ---------------------------------------------------------------------------------------
 # Metric families. Counter names are given without "_total"; the library appends it.
 
+# Every gauge says how worker processes combine (``--workers N``, prometheus-client's
+# multiprocess mode; ignored in a single process). "live" modes forget a worker once it
+# has exited: readiness is the least ready worker, counts of open things are summed.
 BUILD_INFO = Gauge(
-    "pyegress_build_info", "Build of this process (always 1).", ["version", "python"]
+    "pyegress_build_info",
+    "Build of this process (always 1).",
+    ["version", "python"],
+    multiprocess_mode="livemax",
 )
 READY = Gauge(
-    "pyegress_ready", "1 when the tier serves traffic; 0 while loading or draining.", ["tier"]
+    "pyegress_ready",
+    "1 when the tier serves traffic; 0 while loading or draining.",
+    ["tier"],
+    multiprocess_mode="livemin",
 )
-DRAINING = Gauge("pyegress_draining", "1 while the tier drains for shutdown.", ["tier"])
+DRAINING = Gauge(
+    "pyegress_draining",
+    "1 while the tier drains for shutdown.",
+    ["tier"],
+    multiprocess_mode="livemax",
+)
 POLICY_INFO = Gauge(
     "pyegress_policy_info",
     "Loaded policy version (one series, always 1).",
     ["tier", "policy_version"],
+    multiprocess_mode="livemax",
 )
-POLICY_RULES = Gauge("pyegress_policy_rules", "Rules in the loaded policy.", ["tier"])
+POLICY_RULES = Gauge(
+    "pyegress_policy_rules", "Rules in the loaded policy.", ["tier"], multiprocess_mode="livemax"
+)
 CONFIG_RELOADS = Counter(
     "pyegress_config_reloads", "Configuration reloads by result.", ["tier", "result"]
 )
@@ -256,12 +293,16 @@ CONFIG_LAST_RELOAD_SUCCESS = Gauge(
     "pyegress_config_last_reload_success_timestamp_seconds",
     "Unix time of the last successful configuration load.",
     ["tier"],
+    multiprocess_mode="livemax",
 )
 CONNECTIONS_ACCEPTED = Counter(
     "pyegress_connections_accepted", "Client connections accepted.", ["tier", "mode"]
 )
 CONNECTIONS_ACTIVE = Gauge(
-    "pyegress_connections_active", "Client connections open now.", ["tier", "mode"]
+    "pyegress_connections_active",
+    "Client connections open now.",
+    ["tier", "mode"],
+    multiprocess_mode="livesum",
 )
 DECISIONS_TOTAL = Counter(
     "pyegress_decisions",
@@ -308,9 +349,17 @@ CERT_EXPIRY = Gauge(
     "pyegress_cert_expiry_timestamp_seconds",
     "Unix time the earliest certificate of a loaded file expires.",
     ["tier", "cert"],
+    multiprocess_mode="livemin",
 )
-TIER_LINKS = Gauge("pyegress_tier_links", "Sidecar to DMZ h2 sessions by state.", ["state"])
-TIER_STREAMS_ACTIVE = Gauge("pyegress_tier_streams_active", "h2 streams in use on tier links.")
+TIER_LINKS = Gauge(
+    "pyegress_tier_links",
+    "Sidecar to DMZ h2 sessions by state.",
+    ["state"],
+    multiprocess_mode="livesum",
+)
+TIER_STREAMS_ACTIVE = Gauge(
+    "pyegress_tier_streams_active", "h2 streams in use on tier links.", multiprocess_mode="livesum"
+)
 TIER_FAILOVERS = Counter("pyegress_tier_failovers", "Moves from one DMZ link to another.")
 AUDIT_EVENTS_TOTAL = Counter("pyegress_audit_events", "Audit records written.", ["event"])
 AUDIT_DROPPED = Counter(
@@ -323,6 +372,49 @@ BUILD_INFO.labels(__version__, platform.python_version()).set(1)
 def render() -> tuple[bytes, str]:
     """The exposition body of the default registry and its content type."""
     return _generate_latest(REGISTRY), CONTENT_TYPE
+
+
+class _Merged:
+    """Every worker's metrics from the multiprocess directory, summed (counters,
+    histograms) or combined by each gauge's ``multiprocess_mode``; a previous policy
+    version (value 0) is left out, so ``pyegress_policy_info`` has one series."""
+
+    def __init__(self, path: str, extra: Callable[[], Iterable[Metric]]) -> None:
+        self._collector = MultiProcessCollector(None, path)  # type: ignore[no-untyped-call]
+        self._extra = extra
+
+    def collect(self) -> Iterator[Metric]:
+        for family in self._collector.collect():  # type: ignore[no-untyped-call]
+            if family.name == "pyegress_policy_info":
+                family.samples = [s for s in family.samples if s.value != 0]
+            yield family
+        yield from self._extra()
+
+
+def supervisor_families(configured: int, running: int, ready: int, restarts: int) -> list[Metric]:
+    """The supervisor's own families (``--workers``): worker processes by state and the
+    restarts after an unexpected exit."""
+    workers = GaugeMetricFamily(
+        "pyegress_workers", "Worker processes (--workers) by state.", labels=["state"]
+    )
+    workers.add_metric(["configured"], configured)
+    workers.add_metric(["running"], running)
+    workers.add_metric(["ready"], ready)
+    restarted = CounterMetricFamily(
+        "pyegress_worker_restarts", "Workers restarted after an unexpected exit."
+    )
+    restarted.add_metric([], restarts)
+    return [workers, restarted]
+
+
+def render_merged(
+    path: str, extra: Callable[[], Iterable[Metric]] = lambda: ()
+) -> tuple[bytes, str]:
+    """The exposition body of all workers' metrics in the multiprocess directory
+    ``path``, followed by ``extra()`` (the supervisor's own families)."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Merged(path, extra))
+    return _generate_latest(registry), CONTENT_TYPE
 
 
 # ---------------------------------------------------------------------------------------
@@ -537,7 +629,10 @@ def set_policy(tier: str, version: str, rules: int | None = None) -> None:
     with _policy_lock:
         old = _policy_versions.get(t)
         if old is not None and old != v:
-            POLICY_INFO.remove(t, old)
+            if MULTIPROCESS:  # series cannot be removed there: 0 is dropped by render_merged
+                POLICY_INFO.labels(t, old).set(0)
+            else:
+                POLICY_INFO.remove(t, old)
         POLICY_INFO.labels(t, v).set(1)
         _policy_versions[t] = v
     if rules is not None:
