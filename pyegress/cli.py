@@ -12,54 +12,13 @@ from collections.abc import Coroutine, Sequence
 from typing import Any
 
 from pyegress import __version__
-from pyegress.config.nodes import Node, parse_node
+from pyegress.config.nodes import IMPLEMENTED_PARAMS, Node, parse_node
 from pyegress.config.render import effective_config, to_yaml
 from pyegress.engine import DEFAULT_DRAIN_TIMEOUT, Engine
 from pyegress.errors import ConfigError
 from pyegress.observe import log as logmod
 from pyegress.observe.admin import parse_admin_address
 from pyegress.observe.audit import DEFAULT_BACKUPS, DEFAULT_MAX_BYTES
-
-# Parameters that are parsed but whose feature is not built yet: using one is an error
-# where ignoring it would weaken security, a warning elsewhere.
-_NOT_YET_ERRORS: set[str] = set()
-_IMPLEMENTED = {
-    "timeout",
-    "handshake_timeout",
-    "idle_timeout",
-    "retries",
-    "proxy_agent",
-    "auth",
-    "realm",
-    "cert",
-    "key",
-    "ca",
-    "secure",
-    "server_name",
-    "host",
-    "path",
-    "ping",
-    "ip",
-    "strategy",
-    "max_fails",
-    "fail_timeout",
-    "max_streams",
-    "dns_timeout",
-    "bypass",
-    "max_lifetime",
-    "splice",
-    "crl",
-    "sniffing",
-    "sniffing_timeout",
-    "tproxy",
-    "range",
-    "range6",
-    "upstream",
-    "suffix",
-    "ttl",
-    "keep",
-    "size",
-}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -131,17 +90,7 @@ def _strip_eq(values: Sequence[str]) -> list[str]:
 def parse_nodes(args: argparse.Namespace) -> tuple[list[Node], list[Node]]:
     listen = [parse_node(url, "listen") for url in _strip_eq(args.listen)]
     forward = [parse_node(url, "forward") for url in _strip_eq(args.forward)]
-    _check_forward(forward)
     return listen, forward
-
-
-def _check_forward(forward: Sequence[Node]) -> None:
-    for node in forward:
-        for key in node.params:
-            if key in _NOT_YET_ERRORS:
-                raise ConfigError(
-                    f"parameter {key}= on -F is not supported yet ({node.redacted()})"
-                )
 
 
 def _warn_params(listen: Sequence[Node], forward: Sequence[Node], log: logmod.Logger) -> None:
@@ -152,7 +101,7 @@ def _warn_params(listen: Sequence[Node], forward: Sequence[Node], log: logmod.Lo
                 warned.add(key.lower())
                 log.warning("unknown_parameter", param=key, node=node.redacted())
         for key in node.params:
-            if key not in _IMPLEMENTED and key not in warned:
+            if key not in IMPLEMENTED_PARAMS and key not in warned:
                 warned.add(key)
                 log.warning("parameter_ignored", param=key, node=node.redacted())
 
@@ -206,7 +155,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             if gost is not None:
                 listen += gost.listen
                 forward += gost.forward
-                _check_forward(gost.forward)
         if args.output:
             config = effective_config(listen, forward)
             if args.output == "json":

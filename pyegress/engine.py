@@ -40,7 +40,7 @@ from pyegress.policy.resolve import Address
 from pyegress.policy.rules import Policy, Request
 from pyegress.protocols.addresses import join_host_port, split_host_port
 from pyegress.relay import Relay
-from pyegress.tls import server_context
+from pyegress.tls import handshake_failure, server_context
 from pyegress.tunnel import DETAIL_CAP, HOST_CAP, Tunnel, decision_fields
 
 Handler = Callable[[Endpoint, "Service"], Awaitable[None]]
@@ -210,18 +210,7 @@ class Service:
             return
         if quiet:
             return
-        text = f"{getattr(exc, 'reason', '') or ''} {exc}".lower()
-        result = "error"
-        if "expired" in text:
-            result = "expired"
-        elif "revoked" in text:
-            result = "revoked"
-        elif "did_not_return_a_certificate" in text or "certificate required" in text:
-            result = "no_cert"
-        elif "certificate" in text or "unknown ca" in text:
-            result = "bad_cert"
-        elif "version" in text or "protocol" in text:
-            result = "version"
+        result = handshake_failure(exc)
         metrics.tls_handshake(tier, "peer", result)
         address = (str(peer[0]), int(peer[1])) if peer else ("", 0)
         t = Tunnel(

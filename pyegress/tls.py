@@ -185,3 +185,20 @@ def transport_identity(transport: Any) -> str | None:
         return identity_from_peercert(ssl_object.getpeercert())
     except ValueError:
         return None
+
+
+def handshake_failure(exc: BaseException) -> str:
+    """A failed TLS handshake as a ``pyegress_tls_handshakes_total`` result label:
+    ``expired``, ``revoked``, ``no_cert``, ``bad_cert``, ``version`` or ``error``."""
+    text = f"{getattr(exc, 'reason', '') or ''} {exc}".lower()
+    if "expired" in text:
+        return "expired"
+    if "revoked" in text:
+        return "revoked"
+    if "did_not_return_a_certificate" in text or "certificate required" in text:
+        return "no_cert"
+    if "certificate" in text or "unknown ca" in text:
+        return "bad_cert"
+    if "version" in text or "protocol" in text:
+        return "version"
+    return "error"

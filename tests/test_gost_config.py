@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from pyegress.config.gostfile import _SUPPORTED, GostFile, load_gost_file
+from pyegress.config.gostfile import GostFile, load_gost_file
 from pyegress.config.nodes import Node, parse_node
 from pyegress.config.render import effective_config, to_yaml
 from pyegress.errors import ConfigError
@@ -1168,12 +1168,6 @@ def test_unreadable_and_non_utf8_files(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as info:
         load_gost_file(path)
     assert str(info.value) == f"{path}:2: not UTF-8"
-
-
-def test_supported_parameters_are_ones_the_engine_implements() -> None:
-    from pyegress import cli
-
-    assert set(_SUPPORTED) <= set(cli._IMPLEMENTED)
 
 
 # --------------------------------------------------------------------------- live

@@ -27,7 +27,7 @@ from pyegress.errors import (
 )
 from pyegress.h2link import H2Link, H2Stream, header
 from pyegress.observe import metrics
-from pyegress.tls import ClientTLS, client_context
+from pyegress.tls import ClientTLS, client_context, handshake_failure
 
 # Dials the TCP connection that carries a link: directly, or through earlier hops.
 RouteDialer = Callable[[str, int, float], Awaitable[Endpoint]]
@@ -59,17 +59,6 @@ class H2ClientLink(H2Link):
         self.streams[stream_id] = stream
         self._flush()
         return stream
-
-
-def _handshake_result(exc: ssl.SSLError) -> str:
-    text = f"{exc.reason or ''} {exc}".lower()
-    if "expired" in text:
-        return "expired"
-    if "certificate" in text or "unknown ca" in text:
-        return "bad_cert"
-    if "version" in text or "protocol" in text:
-        return "version"
-    return "error"
 
 
 class H2Node:
@@ -228,7 +217,7 @@ class H2Node:
                 await link.settings_received
         except ssl.SSLError as exc:
             link.abort("TLS handshake failed")
-            metrics.tls_handshake("sidecar", "client", _handshake_result(exc))
+            metrics.tls_handshake("sidecar", "client", handshake_failure(exc))
             raise map_os_error(exc, what) from None
         except TimeoutError:
             link.abort("TLS or SETTINGS not completed in time")

@@ -30,6 +30,7 @@ from urllib.parse import quote
 import yaml
 from yaml.nodes import MappingNode
 
+from pyegress.config.files import read_config
 from pyegress.config.nodes import (
     _CONNECTORS,
     _DIALERS,
@@ -37,6 +38,7 @@ from pyegress.config.nodes import (
     _LISTENERS,
     _PARAM_ALIASES,
     _V3_PREFIXES,
+    IMPLEMENTED_PARAMS,
     Node,
     Role,
     _split_scheme,
@@ -48,37 +50,14 @@ __all__ = ["GostFile", "load_gost_file", "parse_gost_config"]
 
 Version = Literal["v2", "v3"]
 
-# Node parameters a config file may set: those the engine acts on (``cli._IMPLEMENTED``;
-# a test keeps this a subset of it). Parsed-but-unbuilt ones (backlog, sniffing, ...) are
-# refused in a file unless their value is empty or false.
-_SUPPORTED = frozenset(
-    {
-        "timeout",
-        "handshake_timeout",
-        "idle_timeout",
-        "retries",
-        "proxy_agent",
-        "auth",
-        "realm",
-        "cert",
-        "key",
-        "ca",
-        "secure",
-        "server_name",
-        "host",
-        "path",
-        "ping",
-        "ip",
-        "strategy",
-        "max_fails",
-        "fail_timeout",
-        "max_streams",
-        "dns_timeout",
-        "max_lifetime",
-        "bypass",
-        "splice",
-    }
-)
+# Node parameters a config file may set: those the engine acts on, except the ones of
+# pyegress's own listeners that gost files have no way to name (CRLs, the transparent
+# listeners). Parsed-but-unbuilt ones (backlog, ...) are refused in a file unless their
+# value is empty or false.
+_SUPPORTED = IMPLEMENTED_PARAMS - {
+    "crl", "sniffing", "sniffing_timeout", "tproxy", "range", "range6", "upstream", "suffix",
+    "ttl", "keep", "size",
+}  # fmt: skip
 _CANONICAL = frozenset(_PARAM_ALIASES.values())
 # canonical parameter -> a query key parse_node maps back onto it
 _URL_KEY: dict[str, str] = {}
@@ -299,17 +278,8 @@ def load_gost_file(path: str | Path) -> GostFile | None:
     (``services``, ``chains``, ...) is a gost file. Raises :class:`ConfigError` with one
     line naming the file and the key (or the line of a syntax error).
     """
-    source = str(path)
-    try:
-        data = Path(path).read_bytes()
-    except OSError as exc:
-        raise ConfigError(f"{source}: cannot read: {exc.strerror or exc}") from None
-    try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        line = data[: exc.start].count(b"\n") + 1
-        raise ConfigError(f"{source}:{line}: not UTF-8") from None
-    return parse_gost_config(text, source)
+    _, text = read_config(path)
+    return parse_gost_config(text, str(path))
 
 
 def parse_gost_config(text: str, source: str = "<string>") -> GostFile | None:

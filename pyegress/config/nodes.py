@@ -138,6 +138,19 @@ _PARAM_ALIASES = {
     "maxlifetime": "max_lifetime",
     "splice": "splice",
 }
+# Canonical parameters the engine acts on; any other parsed parameter is warned about
+# once as ignored (cli.py), and a gost file may not set it (config/gostfile.py).
+IMPLEMENTED_PARAMS = frozenset(
+    {
+        "timeout", "handshake_timeout", "idle_timeout", "retries", "proxy_agent", "auth",
+        "realm", "cert", "key", "ca", "secure", "server_name", "host", "path", "ping", "ip",
+        "strategy", "max_fails", "fail_timeout", "max_streams", "dns_timeout", "bypass",
+        "max_lifetime", "splice", "crl",
+        # the transparent listeners (redirect://, dns://)
+        "sniffing", "sniffing_timeout", "tproxy", "range", "range6", "upstream", "suffix",
+        "ttl", "keep", "size",
+    }
+)  # fmt: skip
 _V3_PREFIXES = ("service.", "handler.", "listener.", "node.", "connector.", "dialer.", "hop.")
 
 _DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h)")

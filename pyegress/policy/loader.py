@@ -23,6 +23,7 @@ from typing import Literal, NoReturn
 import yaml
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
+from pyegress.config.files import read_config
 from pyegress.errors import ConfigError
 from pyegress.limits import LimitSpec
 from pyegress.policy.inspect import TlsSettings
@@ -470,17 +471,8 @@ def parse_policy(text: str, source: str = "<string>") -> Policy:
 
 def load_policy(path: str | Path) -> Policy:
     """Read and parse a policy file; ``version`` is the SHA-256 of its bytes."""
-    source = str(path)
-    try:
-        data = Path(path).read_bytes()
-    except OSError as exc:
-        raise ConfigError(f"{source}: cannot read policy: {exc.strerror or exc}") from None
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        line = data[: exc.start].count(b"\n") + 1
-        raise ConfigError(f"{source}:{line}: policy is not UTF-8") from None
-    return _build(text, source, _digest(data))
+    data, text = read_config(path, "policy")
+    return _build(text, str(path), _digest(data))
 
 
 # --------------------------------------------------------------------------------------
