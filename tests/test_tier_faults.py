@@ -364,14 +364,20 @@ def test_refused_client_certificate(
     failure = refusals()[0]
     assert str(failure.get("peer", "")).startswith("127.0.0.1:"), failure
     assert failure.get("error"), failure
+
     # No tunnel reached the DMZ's handler; each refused handshake is one refused
     # tunnel in the audit trail: a client_auth decision and an auth_failed close.
+    # The log line is written before the records: wait until every decision has its close.
+    def paired() -> bool:
+        opened = sorted(d["conn_id"] for d in dmz.records("decision"))
+        closed = sorted(c["conn_id"] for c in dmz.records("tunnel_closed"))
+        return bool(closed) and opened == closed
+
+    assert wait_until(paired, 5), _tail(dmz)
     closes = dmz.records("tunnel_closed")
-    assert closes
     assert all(r["reason"] == "auth_failed" for r in closes), closes
     decisions = dmz.records("decision")
     assert {d["decision"]["reason"] for d in decisions} == {"client_auth"}, decisions
-    assert sorted(d["conn_id"] for d in decisions) == sorted(c["conn_id"] for c in closes)
 
     # The DMZ keeps serving a correctly configured sidecar.
     good = _sidecar(pyegress, tier_certs, [_port(dmz)], "timeout=3")
