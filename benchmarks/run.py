@@ -363,11 +363,16 @@ def _as_user(uid: int, argv: list[str]) -> list[str]:
     return ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", *argv]
 
 
-def _pyegress_redirect(ctx: Ctx) -> Plan:
+def _pyegress_redirect(ctx: Ctx, workers: int = 1) -> Plan:
     """The redirect listener dialing the original destination itself, as its own user
-    (the nat rules let that user's connections through, as the installer's do)."""
+    (the nat rules let that user's connections through, as the installer's do).
+    With workers: SO_REUSEPORT worker processes (the user must be able to run the
+    venv's python: a python under a private home directory cannot be)."""
     port = ctx.port()
-    argv = _as_user(REDIRECT_UID, _py("-m", "pyegress", "-L", f"redirect://{HOST}:{port}"))
+    args = ["-m", "pyegress", "-L", f"redirect://{HOST}:{port}"]
+    if workers > 1:
+        args += ["--workers", str(workers)]
+    argv = _as_user(REDIRECT_UID, _py(*args))
     return Plan([Proc("pyegress", argv, port)], None, redirect_to=port)
 
 
@@ -520,6 +525,13 @@ SUBJECTS: dict[str, Subject] = {
             netns=True,
         ),
         Subject(
+            "pyegress-redirect-w2",
+            "none",
+            "the same with --workers 2 (two processes, as redsocks + squid are)",
+            lambda ctx: _pyegress_redirect(ctx, workers=2),
+            netns=True,
+        ),
+        Subject(
             "redsocks-squid",
             "none",
             "redsocks (http-connect) -> squid, the C way without a mesh",
@@ -596,7 +608,7 @@ SETS: dict[str, SubjectSet] = {
         ),
         SubjectSet(
             "redirect",
-            ["pyegress-redirect", "redsocks-squid"],
+            ["pyegress-redirect", "pyegress-redirect-w2", "redsocks-squid"],
             ["redsocks-squid"],
             "transparent: the load generator's connections to the origin are REDIRECTed",
         ),
@@ -944,6 +956,7 @@ class Settings:
     warmup_seconds: float = 0.5
     start_timeout: float = 15.0
     socks_domain: str | None = None
+    profile: Path | None = None  # py-spy raw stacks of pyegress processes, per test
 
 
 @dataclass
@@ -974,15 +987,52 @@ class Bench:
             args += ["--socks-domain", self.s.socks_domain]
         return args
 
+    def _profilers(self, procs: list[Started], label: str) -> list[subprocess.Popen[bytes]]:
+        """With --profile: py-spy sampling each pyegress process (and its workers) while
+        the test runs. The samplers take CPU of their own: profile runs are for reading
+        where the time goes, not for the figures."""
+        if self.s.profile is None or not shutil.which("py-spy", path=str(VENV_BIN)):
+            return []
+        self.s.profile.mkdir(parents=True, exist_ok=True)
+        spies = []
+        for st in procs:
+            if not st.name.startswith("pyegress"):
+                continue
+            out = self.s.profile / f"{st.name}-{label}.txt"
+            argv = [str(VENV_BIN / "py-spy"), "record", "--pid", str(st.popen.pid)]
+            argv += ["--subprocesses", "--nonblocking", "--rate", "200", "--format", "raw"]
+            argv += ["--output", str(out)]
+            spies.append(
+                subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            )
+        if spies:
+            time.sleep(0.5)  # let the samplers attach
+        return spies
+
+    @staticmethod
+    def _stop_profilers(spies: list[subprocess.Popen[bytes]]) -> None:
+        for spy in spies:
+            _signal(spy.pid, signal.SIGINT)  # py-spy writes its output on SIGINT
+        for spy in spies:
+            try:
+                spy.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                spy.kill()
+                spy.wait()
+
     def _measured(
-        self, procs: list[Started], argv: list[str], timeout: float
+        self, procs: list[Started], argv: list[str], timeout: float, label: str
     ) -> tuple[JSON | None, JSON, str]:
         """Run one loadgen client while sampling CPU of proxy, origin and machine."""
+        spies = self._profilers(procs, label)
         per0 = {st.name: cpu_seconds(st.pids()) for st in procs}
         org0, (busy0, tot0), t0 = self.origin.cpu(), machine_jiffies(), time.monotonic()
-        r = subprocess.run(
-            [str(LOADGEN), *argv], capture_output=True, text=True, timeout=timeout, check=False
-        )
+        try:
+            r = subprocess.run(
+                [str(LOADGEN), *argv], capture_output=True, text=True, timeout=timeout, check=False
+            )
+        finally:
+            self._stop_profilers(spies)
         # A process that exited meanwhile counts 0 from here on (its CPU is lost).
         per = {st.name: max(0.0, cpu_seconds(st.pids()) - per0[st.name]) for st in procs}
         wall = time.monotonic() - t0
@@ -1033,7 +1083,7 @@ class Bench:
             "--seconds",
             str(seconds),
         ]
-        out, meter, err = self._measured(procs, argv, seconds + 30)
+        out, meter, err = self._measured(procs, argv, seconds + 30, name)
         res = Outcome(name, raw={"loadgen": out, "meter": meter, "stderr": err})
         if out is None or not out.get("completed"):
             counts = ", ".join(f"{k}={out[k]}" for k in ERR_KEYS) if out else err
@@ -1068,7 +1118,7 @@ class Bench:
             "--dir",
             "up" if up else "down",
         ]
-        out, meter, err = self._measured(procs, argv, self.s.bulk_seconds + 60)
+        out, meter, err = self._measured(procs, argv, self.s.bulk_seconds + 60, name)
         res = Outcome(name, raw={"loadgen": out, "meter": meter, "stderr": err})
         if out is None or int(out.get("ok", 0)) != tunnels or int(out.get("stalled", 1)):
             res.error = f"bulk failed ({err or out})"
@@ -1608,6 +1658,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--keep-tmp", action="store_true", help="keep configs and proxy logs")
     p.add_argument(
+        "--profile",
+        type=Path,
+        default=None,
+        help="write py-spy stacks (raw, collapsed) of every pyegress process per test here; "
+        "summarise them with benchmarks/profile_summary.py",
+    )
+    p.add_argument(
         "--report-only",
         type=Path,
         default=None,
@@ -1648,6 +1705,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         s.idle_count = args.idle_count
     s.upload = args.upload
     s.socks_domain = args.socks_domain
+    s.profile = args.profile
 
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
@@ -1704,7 +1762,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     results: JSON = {
         "started": started.strftime("%Y-%m-%d %H:%M:%S UTC"),
         "elapsed_s": time.monotonic() - t0,
-        "settings": {**s.__dict__, "bulk_tunnels": list(s.bulk_tunnels)},
+        "settings": {
+            **s.__dict__,
+            "bulk_tunnels": list(s.bulk_tunnels),
+            "profile": str(s.profile) if s.profile else None,
+        },
         "subjects": names,
         "set": chosen.name if not args.subjects else (args.subject_set or None),
         "anchors": chosen.anchors,

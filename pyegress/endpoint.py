@@ -37,6 +37,7 @@ WRITE_HIGH_WATER = 512 * 1024
 WRITE_LOW_WATER = 128 * 1024
 # Handshake-phase read buffer: past this, reading pauses until the parser consumes.
 HANDSHAKE_BUFFER_LIMIT = 256 * 1024
+NEVER = 1 << 62  # an upgrade_at no byte count reaches
 
 _LINGER_RESET = struct.pack("ii", 1, 0)
 _T = TypeVar("_T")
@@ -221,11 +222,23 @@ class BufferedEndpoint(Endpoint):
 
 
 class TcpEndpoint(asyncio.Protocol, BufferedEndpoint):
-    __slots__ = ("_on_made", "_paused_by_buffer", "transport")
+    __slots__ = (
+        "_local_address",
+        "_on_made",
+        "_paused_by_buffer",
+        "_peer_address",
+        "transport",
+        "upgrade_at",
+    )
 
     def __init__(self, on_made: Callable[[TcpEndpoint], None] | None = None) -> None:
         BufferedEndpoint.__init__(self)
         self.transport: asyncio.Transport | None = None
+        self._peer_address: tuple[str, int] | None = None  # looked up once, when asked
+        self._local_address: tuple[str, int] | None = None
+        # While relaying: once bytes_in reaches this, the relay is asked to upgrade()
+        # (the zero-copy relay switches over then; see splice.py).
+        self.upgrade_at = NEVER
         self._paused_by_buffer = False
         self._on_made = on_made
 
@@ -243,8 +256,14 @@ class TcpEndpoint(asyncio.Protocol, BufferedEndpoint):
     def data_received(self, data: bytes) -> None:
         peer = self._peer
         if peer is not None:
-            self.bytes_in += len(data)
+            count = self.bytes_in + len(data)
+            self.bytes_in = count
             peer.write(data)
+            if count >= self.upgrade_at:
+                self.upgrade_at = NEVER
+                relay = self._relay
+                if relay is not None:
+                    relay.upgrade()
             return
         self._buf += data
         if len(self._buf) > HANDSHAKE_BUFFER_LIMIT and not self._paused_by_buffer:
@@ -369,6 +388,33 @@ class TcpEndpoint(asyncio.Protocol, BufferedEndpoint):
             and sock.family in (socket.AF_INET, socket.AF_INET6)
         )
 
+    def splice_capable(self) -> bool:
+        """A plain TCP connection, still open (what a switch-over needs before it
+        detaches the endpoint)."""
+        transport = self.transport
+        if transport is None or self._closed or transport.is_closing():
+            return False
+        return transport.get_extra_info("sslcontext") is None
+
+    def detach(self) -> None:
+        """Stop relaying (a switch-over is under way): stop reading, forget the peer
+        and the relay. What the transport still has to write, it writes."""
+        self._set_reading(False)
+        self._peer = None
+        self._relay = None
+
+    def reattach(self, peer: Endpoint, relay: Relay) -> None:
+        """Undo :meth:`detach`: relay again, reading unless the peer is full."""
+        self._read_paused = False
+        if not self._closed:
+            self._set_reading(True)
+        self.attach(peer, relay)
+
+    def write_buffered(self) -> int:
+        """Bytes the transport holds that the socket has not taken yet."""
+        transport = self.transport
+        return 0 if transport is None else transport.get_write_buffer_size()
+
     def dup_socket(self) -> socket.socket:
         """A second, non-blocking handle on this connection's socket (``OSError`` when
         no descriptor is left). The transport keeps its own until :meth:`hand_over`."""
@@ -420,18 +466,28 @@ class TcpEndpoint(asyncio.Protocol, BufferedEndpoint):
     def _address(self, key: str) -> tuple[str, int]:
         if self.transport is None:
             return ("", 0)
-        value: Any = self.transport.get_extra_info(key)
+        value: Any = self.transport.get_extra_info(key)  # a system call each time
         if isinstance(value, tuple) and len(value) >= 2:
             return (str(value[0]), int(value[1]))
         return ("", 0)
 
     @property
     def peer_address(self) -> tuple[str, int]:
-        return self._address("peername")
+        found = self._peer_address
+        if found is None:
+            found = self._address("peername")
+            if found[1]:
+                self._peer_address = found
+        return found
 
     @property
     def local_address(self) -> tuple[str, int]:
-        return self._address("sockname")
+        found = self._local_address
+        if found is None:
+            found = self._address("sockname")
+            if found[1]:
+                self._local_address = found
+        return found
 
     @property
     def identity(self) -> str | None:

@@ -136,6 +136,10 @@ class Relay:
             # buffered bytes are flushed.
             self.finish("eof")
 
+    def upgrade(self) -> None:
+        """An endpoint crossed its ``upgrade_at`` mark: the plain relay has nothing to
+        switch to (the zero-copy relay does)."""
+
     def stop(self, reason: str) -> None:
         """End the tunnel from outside (drain, shutdown)."""
         self.finish(reason)

@@ -41,6 +41,16 @@ its source becomes readable and gives it back once it is empty again, so an idle
 holds no pipe. Each pipe is raised to ``PIPE_SIZE`` (``F_SETPIPE_SZ``) when the system
 allows it and keeps the default size otherwise.
 
+When it takes over. Setting up the splice legs costs more system calls than a short
+tunnel saves (a pipe, a reader and a writer registration per direction, a ``dup`` per
+socket), so by default a tunnel starts on the plain relay and switches once either side
+has sent ``PYEGRESS_SPLICE_AFTER`` bytes (default 128 KiB; ``0`` splices from the first
+byte): API calls and handshakes stay on the cheap path, downloads and uploads move to
+the kernel. The switch happens between two reads: both endpoints are detached and
+stop reading, the relay waits (polling, at most ``SWITCH_WAIT`` seconds) until both
+transports have written what they hold, then takes the sockets over as above. A side
+that ends, fails or will not drain meanwhile leaves the tunnel on the plain relay.
+
 Turned off by ``PYEGRESS_SPLICE=0`` in the environment or ``splice=false`` on a ``-L``
 node, and off by itself where ``os.splice`` does not exist or does not work.
 """
@@ -54,10 +64,13 @@ import socket
 import struct
 from contextlib import suppress
 
-from pyegress.endpoint import Endpoint, TcpEndpoint
+from pyegress.endpoint import NEVER, Endpoint, TcpEndpoint
 from pyegress.relay import Relay
 
 PIPE_SIZE = 1 << 20
+DEFAULT_SPLICE_AFTER = 128 * 1024  # bytes from one side before a tunnel switches over
+SWITCH_WAIT = 2.0  # at most this long for both transports to drain before switching
+_SWITCH_POLL = 0.002
 POOL_MAX = 32  # empty pipes kept for the next leg that needs one
 FLUSH_TIMEOUT = 10.0  # after a graceful stop, how long taken bytes may take to leave
 
@@ -84,6 +97,22 @@ def enabled() -> bool:
     if os.environ.get("PYEGRESS_SPLICE", "1").strip().lower() in ("0", "false", "no", "off"):
         return False
     return available()
+
+
+_splice_after: int | None = None
+
+
+def splice_after() -> int:
+    """Bytes one side sends before a tunnel leaves the plain relay for the splice legs
+    (``PYEGRESS_SPLICE_AFTER``; 0 = from the start). Read once per process."""
+    global _splice_after
+    if _splice_after is None:
+        text = os.environ.get("PYEGRESS_SPLICE_AFTER", "").strip()
+        try:
+            _splice_after = max(0, int(text)) if text else DEFAULT_SPLICE_AFTER
+        except ValueError:
+            _splice_after = DEFAULT_SPLICE_AFTER
+    return _splice_after
 
 
 def _probe() -> bool:
@@ -212,14 +241,23 @@ class SpliceRelay(Relay):
     """A relay that splices when both endpoints are plain TCP, and is the plain relay
     otherwise (see the module text)."""
 
-    __slots__ = ("_down", "_flush_handle", "_loop", "_up")
+    __slots__ = ("_after", "_down", "_flush_handle", "_loop", "_switch", "_up")
 
-    def __init__(self, client: Endpoint, upstream: Endpoint, idle_timeout: float) -> None:
+    def __init__(
+        self,
+        client: Endpoint,
+        upstream: Endpoint,
+        idle_timeout: float,
+        after: int | None = None,
+    ) -> None:
         super().__init__(client, upstream, idle_timeout)
+        self._after = splice_after() if after is None else after
         self._up: _Leg | None = None
         self._down: _Leg | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._flush_handle: asyncio.TimerHandle | None = None
+        # While switching over: the poll waiting for both transports to drain.
+        self._switch: asyncio.TimerHandle | None = None
 
     @property
     def kind(self) -> str:
@@ -238,9 +276,23 @@ class SpliceRelay(Relay):
     # -- start ------------------------------------------------------------------------
 
     def _begin(self) -> None:
+        if self._after > 0:
+            super()._begin()
+            client, upstream = self.client, self.upstream
+            if (
+                self.reason is None
+                and isinstance(client, TcpEndpoint)
+                and isinstance(upstream, TcpEndpoint)
+            ):
+                client.upgrade_at = client.bytes_in + self._after
+                upstream.upgrade_at = upstream.bytes_in + self._after
+            return
         if not self._take_sockets():
             super()._begin()
             return
+        self._start_legs()
+
+    def _start_legs(self) -> None:
         assert self._up is not None
         assert self._down is not None
         self._loop = asyncio.get_running_loop()
@@ -249,6 +301,59 @@ class SpliceRelay(Relay):
                 self._start_reading(leg)
             if self.reason is None and leg.pending:
                 self._flush(leg)
+
+    # -- switching over from the plain relay ----------------------------------------
+
+    def upgrade(self) -> None:
+        """One side has sent enough to be worth splicing: switch over, from the next
+        loop iteration (see the module text)."""
+        client, upstream = self.client, self.upstream
+        if self.reason is not None or self._up is not None or self._switch is not None:
+            return
+        if not (isinstance(client, TcpEndpoint) and isinstance(upstream, TcpEndpoint)):
+            return
+        client.upgrade_at = upstream.upgrade_at = NEVER
+        if self.client_eof or self.upstream_eof:
+            return  # half closed already: not worth the trouble
+        if not (client.splice_capable() and upstream.splice_capable()):
+            return
+        loop = asyncio.get_running_loop()
+        client.detach()
+        upstream.detach()
+        deadline = loop.time() + SWITCH_WAIT
+        self._switch = loop.call_soon(self._switch_over, deadline)  # type: ignore[assignment]
+
+    def _switch_over(self, deadline: float) -> None:
+        self._switch = None
+        client, upstream = self.client, self.upstream
+        assert isinstance(client, TcpEndpoint)
+        assert isinstance(upstream, TcpEndpoint)
+        if self.reason is not None:
+            return
+        for side in (client, upstream):
+            if side.closed:  # lost while detached: the relay's usual rules apply
+                self._stay_plain()
+                self.on_lost(side, side.error)
+                return
+        if client.write_buffered() or upstream.write_buffered():
+            loop = asyncio.get_running_loop()
+            if loop.time() >= deadline:
+                self._stay_plain()
+                return
+            self._switch = loop.call_later(_SWITCH_POLL, self._switch_over, deadline)
+            return
+        if not self._take_sockets():
+            self._stay_plain()
+            return
+        self._start_legs()
+
+    def _stay_plain(self) -> None:
+        """Give up switching: the endpoints deliver to each other again."""
+        client, upstream = self.client, self.upstream
+        assert isinstance(client, TcpEndpoint)
+        assert isinstance(upstream, TcpEndpoint)
+        client.reattach(upstream, self)
+        upstream.reattach(client, self)
 
     def _take_sockets(self) -> bool:
         client, upstream = self.client, self.upstream
@@ -419,6 +524,9 @@ class SpliceRelay(Relay):
     # -- the end ----------------------------------------------------------------------
 
     def _close_sides(self, reset: bool) -> None:
+        if self._switch is not None:  # ended while switching: still the plain relay's
+            self._switch.cancel()
+            self._switch = None
         up, down = self._up, self._down
         if up is None or down is None:
             super()._close_sides(reset)

@@ -125,10 +125,11 @@ def check_config(count: int, listen: Sequence[Any], audit_file: str | None) -> N
     if count <= 1:
         return
     for node in listen:
-        if node.kind in ("redirect", "dns"):
+        if node.kind == "dns":
             raise ConfigError(
-                f"-L {node.redacted()}: transparent listeners keep per-process state (the "
-                "DNS listener's fake addresses); run them with --workers 1"
+                f"-L {node.redacted()}: the DNS listener keeps per-process state (the fake "
+                "addresses the redirect listener turns back into names); run it with "
+                "--workers 1"
             )
     if audit_file is not None and "{worker}" not in audit_file:
         raise ConfigError(

@@ -207,6 +207,7 @@ TIER_PORT = 8443
 DMZ_SIDECAR = 15001  # the article's port
 DIRECT_SIDECAR = 15002
 BYPASS_SIDECAR = 15003
+WORKERS_SIDECAR = 15004  # the direct sidecar with --workers 2 (SO_REUSEPORT)
 
 POLICY = """\
 version: 1
@@ -238,9 +239,11 @@ class World:
         via_dmz: Sidecar,
         direct: Sidecar,
         bypass: Sidecar,
+        workers: Sidecar,
     ) -> None:
         self.net, self.app, self.ca, self.dmz = net, app, ca, dmz
         self.via_dmz, self.direct, self.bypass = via_dmz, direct, bypass
+        self.workers = workers
 
     def curl(self, url: str, *extra: str) -> tuple[int, dict[str, Any] | None, str]:
         """curl in the app namespace, no proxy: (exit code, JSON body, stderr)."""
@@ -284,7 +287,8 @@ def world(tmp_path_factory: pytest.TempPathFactory, ca: trustme.CA) -> Iterator[
             bypass = app.sidecar(
                 ["-L", f"redirect://:{BYPASS_SIDECAR}?bypass=~allowed.example,.ok.example"]
             )
-            yield World(net, app, ca_path, dmz, via_dmz, direct, bypass)
+            workers = app.sidecar(["-L", f"redirect://:{WORKERS_SIDECAR}", "--workers", "2"])
+            yield World(net, app, ca_path, dmz, via_dmz, direct, bypass, workers)
 
 
 def _schema_ok(*procs: NetnsPyegress) -> None:
@@ -294,12 +298,14 @@ def _schema_ok(*procs: NetnsPyegress) -> None:
 
 
 @pytest.mark.parametrize("family", ["ipv4", "ipv6"])
+@pytest.mark.parametrize("workers", [1, 2])
 @pytest.mark.root
-def test_direct_sni_and_host_recovered(world: World, family: str) -> None:
-    rules, undo = redirect_rules(DIRECT_SIDECAR, [80, 443], family)
+def test_direct_sni_and_host_recovered(world: World, family: str, workers: int) -> None:
+    port = DIRECT_SIDECAR if workers == 1 else WORKERS_SIDECAR
+    rules, undo = redirect_rules(port, [80, 443], family)
     flag = "-4" if family == "ipv4" else "-6"
     orig_ip = "1.1.1.1" if family == "ipv4" else "[2606:4700::1111]"
-    side = world.direct
+    side = world.direct if workers == 1 else world.workers
     with world.app.rules(rules, undo):
         mark = side.mark()
         code, body, err = world.curl("https://allowed.example/", flag)

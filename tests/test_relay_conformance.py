@@ -5,11 +5,14 @@ direct dial, port forwarding, and chains through a second pyegress over HTTP CON
 and SOCKS5, on uvloop and on the standard loop. Scenarios: byte integrity and order on
 large transfers, half-close, resets both ways, backpressure, and the close record.
 
-Paths whose legs are all plain TCP run twice: with the zero-copy relay (``splice``, the
-default there) and with it turned off (``splice=false``: the ``plain`` relay). Paths
-through the h2 tier link run once and must fall back to the plain relay by themselves.
-Every case checks the close records for the relay that actually ran
-(``result.relay``), so a silent fallback fails the splice cases.
+Paths whose legs are all plain TCP run twice: with the zero-copy relay from the first
+byte (``splice``, ``PYEGRESS_SPLICE_AFTER=0``) and with it turned off (``splice=false``:
+the ``plain`` relay). The HTTP and SOCKS5 listeners run a third time, switching from the
+plain relay to the zero-copy one mid-tunnel (``lazy``, ``PYEGRESS_SPLICE_AFTER=1``, the
+way the default of 128 KiB behaves on a download). Paths through the h2 tier link run
+once and must fall back to the plain relay by themselves. Every case checks the close
+records for the relay that actually ran (``result.relay``), so a silent fallback fails
+the splice cases.
 """
 
 from __future__ import annotations
@@ -92,10 +95,13 @@ H2_PATHS = [
     "h2-link-asyncio",
     "h2c-link-socks5",
 ]
+LAZY_PATHS = ["http-uvloop", "http-asyncio", "socks5"]
 PATHS = [
     *(f"{name}/{relay}" for name in TCP_PATHS for relay in ("plain", "splice")),
+    *(f"{name}/lazy" for name in LAZY_PATHS),
     *(f"{name}/auto" for name in H2_PATHS),
 ]
+SPLICE_AFTER = {"splice": "0", "lazy": "1"}
 
 
 def _relays_used(proc: Pyegress) -> list[str]:
@@ -108,8 +114,14 @@ def _relays_used(proc: Pyegress) -> list[str]:
 
 @pytest.fixture(params=PATHS)
 def path(
-    request: pytest.FixtureRequest, pyegress: PyegressFactory, tcp_origin: TcpOrigin
+    request: pytest.FixtureRequest,
+    pyegress: PyegressFactory,
+    tcp_origin: TcpOrigin,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> Iterator[Path]:
+    after = SPLICE_AFTER.get(str(request.param).split("/")[1])
+    if after is not None:
+        monkeypatch.setenv("PYEGRESS_SPLICE_AFTER", after)
     built = _build_path(request.param, pyegress, tcp_origin)
     yield built
     # Every process relayed at least one tunnel, each with the relay this path expects.
@@ -120,14 +132,27 @@ def path(
             time.sleep(0.02)
             used = _relays_used(proc)
         assert used, "no close record names its relay:\n" + proc.output()[-2000:]
-        assert set(used) == {built.relay}, f"expected the {built.relay} relay, got {used}"
+        if built.relay == "lazy":
+            # A tunnel that ends while switching stays plain; the transfers are checked
+            # for the switch in their own tests (_switched).
+            assert set(used) <= {"plain", "splice"}, used
+        else:
+            assert set(used) == {built.relay}, f"expected the {built.relay} relay, got {used}"
 
 
 def _build_path(param: str, pyegress: PyegressFactory, tcp_origin: TcpOrigin) -> Path:
     name, relay = param.split("/")
     path = _build(name, relay, pyegress, tcp_origin)
-    path.relay = "splice" if relay == "splice" else "plain"
+    path.relay = relay if relay in ("splice", "lazy") else "plain"
     return path
+
+
+def _switched(path: Path, record: dict[str, object]) -> None:
+    """On a lazy path, a long transfer ends on the zero-copy relay."""
+    if path.relay == "lazy":
+        result = record["result"]
+        assert isinstance(result, dict)
+        assert result["relay"] == "splice", record
 
 
 def _build(name: str, relay: str, pyegress: PyegressFactory, tcp_origin: TcpOrigin) -> Path:
@@ -186,6 +211,7 @@ def test_large_download_is_byte_exact(path: Path) -> None:
     record = path.entry.record(bytes_down=size)
     assert record["bytes_up"] == len(f"SOURCE {size}\n")
     assert record["reason"] == "eof"
+    _switched(path, record)
 
 
 def test_half_close_upload_then_10mb_download(path: Path) -> None:

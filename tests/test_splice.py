@@ -83,13 +83,14 @@ class Tunnel:
         cls,
         idle: float = 30.0,
         before: Callable[[TcpEndpoint, TcpEndpoint], Awaitable[None]] | None = None,
+        after: int = 0,
     ) -> Tunnel:
         self = cls()
         self.client, client_ep = await tcp_pair()
         self.origin, upstream_ep = await tcp_pair()
         if before is not None:
             await before(client_ep, upstream_ep)
-        self.relay = SpliceRelay(client_ep, upstream_ep, idle)
+        self.relay = SpliceRelay(client_ep, upstream_ep, idle, after)
         self.task = asyncio.ensure_future(self.relay.run())
         await asyncio.sleep(0)
         return self
@@ -160,6 +161,155 @@ def test_both_directions_byte_exact_with_half_closes(loop: str) -> None:
     run(loop, main())
 
 
+# -- switching over from the plain relay (PYEGRESS_SPLICE_AFTER) -----------------------
+
+
+@pytest.mark.parametrize("after", [1, 65536, 5 * 1024 * 1024])
+def test_switching_over_mid_stream_is_byte_exact(loop: str, after: int) -> None:
+    """The tunnel starts plain and switches once a side has sent ``after`` bytes,
+    while both directions are streaming and the write buffers are full."""
+    up = pattern(9 * 1024 * 1024, b"up")
+    down = pattern(13 * 1024 * 1024, b"down")
+
+    async def main() -> None:
+        t = await Tunnel.open(after=after)
+        assert t.relay.kind == "plain"
+        t.client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+
+        async def client_side() -> bytes:
+            reader = asyncio.ensure_future(read_all(t.client))
+            await send_all(t.client, up)
+            t.client.shutdown(socket.SHUT_WR)
+            return await reader
+
+        async def origin_side() -> bytes:
+            reader = asyncio.ensure_future(read_all(t.origin))
+            await send_all(t.origin, down)
+            t.origin.shutdown(socket.SHUT_WR)
+            return await reader
+
+        at_client, at_origin = await asyncio.gather(client_side(), origin_side())
+        assert at_origin == up
+        assert at_client == down
+        assert await t.reason() == "eof"
+        assert t.relay.kind == "splice"
+        assert (t.relay.bytes_up, t.relay.bytes_down) == (len(up), len(down))
+        t.close()
+
+    run(loop, main())
+
+
+def test_a_short_tunnel_never_switches(loop: str) -> None:
+    async def main() -> None:
+        t = await Tunnel.open(after=65536)
+        await send_all(t.client, b"ping")
+        assert await read_exact(t.origin, 4) == b"ping"
+        await send_all(t.origin, b"pong" * 1000)
+        assert await read_exact(t.client, 4000) == b"pong" * 1000
+        t.client.shutdown(socket.SHUT_WR)
+        t.origin.shutdown(socket.SHUT_WR)
+        assert await asyncio.wait_for(read_all(t.origin), 10) == b""
+        assert await asyncio.wait_for(read_all(t.client), 10) == b""
+        assert await t.reason() == "eof"
+        assert t.relay.kind == "plain"
+        assert splice.pooled() == 0  # no pipe was ever taken
+        assert (t.relay.bytes_up, t.relay.bytes_down) == (4, 4000)
+        t.close()
+
+    run(loop, main())
+
+
+def test_a_client_that_stops_reading_keeps_the_tunnel_plain(loop: str) -> None:
+    """A switch needs both transports drained; a client that reads nothing keeps one
+    full, so after SWITCH_WAIT the tunnel carries on plain, losing nothing."""
+
+    async def small_buffers(client_ep: TcpEndpoint, _: TcpEndpoint) -> None:
+        # The kernel takes little from the transport towards the client: its own
+        # buffer stays full while the client does not read.
+        assert client_ep.transport is not None
+        sock = client_ep.transport.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+
+    async def main() -> None:
+        # Switching once 400 kB came from the origin: by then the kernel holds what it
+        # can (~140 kB) and the transport the rest.
+        t = await Tunnel.open(after=400_000, before=small_buffers)
+        data = pattern(8 * 1024 * 1024)
+        writer = asyncio.ensure_future(send_all(t.origin, data))
+        await asyncio.sleep(splice.SWITCH_WAIT + 0.5)
+        assert t.relay.kind == "plain"
+        # Room again on the client's path; the rest flows on the plain relay.
+        client_ep = t.relay.client
+        assert isinstance(client_ep, TcpEndpoint)
+        assert client_ep.transport is not None
+        sock = client_ep.transport.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
+        got = await asyncio.wait_for(read_exact(t.client, len(data)), 30)
+        assert got == data
+        await writer
+        t.origin.shutdown(socket.SHUT_WR)
+        t.client.shutdown(socket.SHUT_WR)
+        assert await t.reason() == "eof"
+        assert t.relay.bytes_down == len(data)
+        t.close()
+
+    run(loop, main())
+
+
+@pytest.mark.parametrize("who", ["client", "upstream"])
+def test_a_reset_while_switching_is_passed_on(loop: str, who: str) -> None:
+    """A side resets while the switch waits for the other transport to drain."""
+
+    async def small_buffers(*endpoints: TcpEndpoint) -> None:
+        for ep in endpoints:
+            assert ep.transport is not None
+            sock = ep.transport.get_extra_info("socket")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+
+    async def main() -> None:
+        t = await Tunnel.open(after=400_000, before=small_buffers)
+        # Both directions push and nobody reads: the switch waits for drains.
+        pushers = [
+            asyncio.ensure_future(send_all(t.origin, pattern(8 * 1024 * 1024))),
+            asyncio.ensure_future(send_all(t.client, pattern(8 * 1024 * 1024))),
+        ]
+        await asyncio.sleep(0.3)
+        assert t.relay.kind == "plain"
+        gone, other = (t.client, t.origin) if who == "client" else (t.origin, t.client)
+        gone.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+        gone.close()
+        for pusher in pushers:
+            pusher.cancel()
+        await expect_reset(other)
+        assert await t.reason() == f"{who}_reset"
+        other.close()
+
+    run(loop, main())
+
+
+def test_a_stop_while_switching_closes_gracefully(loop: str) -> None:
+    async def small_buffer(client_ep: TcpEndpoint, _: TcpEndpoint) -> None:
+        assert client_ep.transport is not None
+        sock = client_ep.transport.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+
+    async def main() -> None:
+        t = await Tunnel.open(after=400_000, before=small_buffer)
+        data = pattern(8 * 1024 * 1024)
+        writer = asyncio.ensure_future(send_all(t.origin, data))
+        await asyncio.sleep(0.3)  # the client reads nothing: the switch is waiting
+        assert t.relay.kind == "plain"
+        t.relay.stop("drain")
+        assert await t.reason() == "drain"
+        got = await asyncio.wait_for(read_all(t.client), 10)
+        assert got == data[: len(got)]
+        assert len(got) == t.relay.bytes_down
+        writer.cancel()
+        t.close()
+
+    run(loop, main())
+
+
 def test_handshake_bytes_go_out_before_the_spliced_ones(loop: str) -> None:
     """What a handshake left in the endpoints' buffers (pipelined bytes, the first bytes
     the DMZ inspected and unread) is delivered first and counted."""
@@ -178,7 +328,7 @@ def test_handshake_bytes_go_out_before_the_spliced_ones(loop: str) -> None:
         t.client, client_ep = await tcp_pair()
         t.origin, upstream_ep = await tcp_pair()
         await before(client_ep, upstream_ep)
-        t.relay = SpliceRelay(client_ep, upstream_ep, 30)
+        t.relay = SpliceRelay(client_ep, upstream_ep, 30, after=0)
         t.task = asyncio.ensure_future(t.relay.run())
         await send_all(t.client, b"after")
         await send_all(t.origin, b"back")
@@ -210,7 +360,7 @@ def test_a_fin_received_during_the_handshake_is_passed_on(loop: str) -> None:
         t_client, client_ep = await tcp_pair()
         origin, upstream_ep = await tcp_pair()
         await before(client_ep, upstream_ep)
-        relay = SpliceRelay(client_ep, upstream_ep, 30)
+        relay = SpliceRelay(client_ep, upstream_ep, 30, after=0)
         task = asyncio.ensure_future(relay.run())
         assert await asyncio.wait_for(read_all(origin), 10) == b"last words"
         await send_all(origin, b"reply")
@@ -413,7 +563,7 @@ def test_tls_legs_mean_the_plain_relay(loop: str, ca: trustme.CA) -> None:
         origin, upstream_ep = await tcp_pair()
         assert upstream_ep.splice_ready()
         assert not tls_server.splice_ready()
-        relay = SpliceRelay(tls_server, upstream_ep, 30)
+        relay = SpliceRelay(tls_server, upstream_ep, 30, after=0)
         task = asyncio.ensure_future(relay.run())
         tls_client.write(b"over tls")
         assert await asyncio.wait_for(read_exact(origin, 8), 10) == b"over tls"
@@ -488,7 +638,7 @@ def test_no_descriptor_is_left_behind(loop: str) -> None:
             t.origin.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
             t.origin.close()
         elif kind == 3:
-            t.client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            t.client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
             writer = asyncio.ensure_future(send_all(t.origin, pattern(4 * 1024 * 1024)))
             await asyncio.sleep(0.05)
             t.relay.stop("max_lifetime")
@@ -595,4 +745,8 @@ def test_a_pyegress_process_keeps_its_descriptor_count(
     after = fds()
     # Tunnels one at a time hold at most two pipes: the pool may have grown by those.
     assert after - before <= 4, (before, after)
-    assert set(_relays(proxy)) == {"splice"}
+    # Downloads past PYEGRESS_SPLICE_AFTER (128 KiB) switched over; echoes stayed plain.
+    closes = proxy.records("tunnel_closed")
+    big = {r["result"]["relay"] for r in closes if r["bytes_down"] == 300000}
+    small = {r["result"]["relay"] for r in closes if r["bytes_down"] == 5}
+    assert (big, small) == ({"splice"}, {"plain"})

@@ -298,7 +298,7 @@ def test_audit_files_are_per_worker(
     ("args", "message"),
     [
         (["--audit-file", "/tmp/audit.jsonl"], "{worker}"),
-        (["-L", "redirect://127.0.0.1:15001"], "transparent"),
+        (["-L", "dns://127.0.0.1:15053"], "DNS listener"),
     ],
 )
 def test_what_several_workers_cannot_run_is_refused(

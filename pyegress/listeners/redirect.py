@@ -213,10 +213,18 @@ async def start_transparent(service: Service, factory: Callable[[], Any]) -> Any
             from pyegress.transparent import dns
 
             return await dns.start(service)
+        reuse_port = service.engine.reuse_port
         if node.flag("tproxy", False):
-            sock = transparent_socket(host, node.port)
+            sock = transparent_socket(host, node.port, reuse_port=reuse_port)
             return await loop.create_server(factory, sock=sock)
-        return await loop.create_server(factory, host, node.port, reuse_address=True, backlog=1024)
+        return await loop.create_server(
+            factory,
+            host,
+            node.port,
+            reuse_address=True,
+            reuse_port=reuse_port or None,
+            backlog=1024,
+        )
     except PermissionError as exc:
         raise ConfigError(
             f"cannot listen on {node.address}: {exc.strerror or exc}"

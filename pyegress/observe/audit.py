@@ -26,6 +26,7 @@ from typing import Any, Protocol, TextIO
 DEFAULT_CAPACITY = 100_000
 DEFAULT_MAX_BYTES = 100 * 1024 * 1024
 DEFAULT_BACKUPS = 5
+BATCH_DELAY = 0.01  # seconds the writer waits after a wake-up for more lines
 
 # Wall time anchored once to the monotonic clock: record times never jump backwards
 # when the system clock is stepped.
@@ -36,10 +37,20 @@ def wall_time(monotonic: float | None = None) -> float:
     return _WALL_ANCHOR + (time.monotonic() if monotonic is None else monotonic)
 
 
+_second: list[Any] = [None, ""]  # the last whole second formatted, and its text
+
+
 def iso_time(monotonic: float | None = None) -> str:
-    """UTC, microseconds, ``Z`` suffix."""
-    moment = datetime.fromtimestamp(wall_time(monotonic), UTC)
-    return moment.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    """UTC, microseconds, ``Z`` suffix (the date and time of day formatted once a
+    second: records are written several times per tunnel)."""
+    moment = wall_time(monotonic)
+    second = int(moment // 1)
+    cached = _second
+    if cached[0] != second:
+        cached[1] = datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S")
+        cached[0] = second
+    micros = min(999_999, int((moment - second) * 1_000_000))
+    return f"{cached[1]}.{micros:06d}Z"
 
 
 def cap(text: str | None, limit: int) -> str | None:
@@ -159,6 +170,10 @@ class LineSink:
     def _run(self) -> None:
         while True:
             self._wake.wait()
+            if not self._closing:
+                # Let lines gather: one wake-up and one write per batch, not per line
+                # (each wake-up is a GIL hand-off the event loop pays for).
+                time.sleep(BATCH_DELAY)
             self._wake.clear()
             while self._lines:
                 batch: list[str] = []
@@ -201,6 +216,10 @@ class LineSink:
         self._sink.close()
 
 
+# One encoder for every record (json.dumps with options builds a new one per call).
+_encode = json.JSONEncoder(ensure_ascii=True, separators=(",", ":"), default=str).encode
+
+
 class Output:
     """Where records and log lines go: ``log`` lines always to ``logs``; audit records
     to ``audit`` (the same sink unless an audit file is configured)."""
@@ -211,8 +230,7 @@ class Output:
 
     def record(self, record: dict[str, Any]) -> bool:
         event = str(record.get("event", "audit"))
-        line = json.dumps(record, ensure_ascii=True, separators=(",", ":"), default=str)
-        return self.audit.put(event, line)
+        return self.audit.put(event, _encode(record))
 
     def close(self) -> None:
         if self.audit is not self.logs:

@@ -124,7 +124,9 @@ def original_dst(sock: Any, tproxy: bool = False) -> OrigDst:
     return found
 
 
-def transparent_socket(host: str | None, port: int, backlog: int = 1024) -> socket.socket:
+def transparent_socket(
+    host: str | None, port: int, backlog: int = 1024, reuse_port: bool = False
+) -> socket.socket:
     """A listening TCP socket with ``IP_TRANSPARENT`` (and ``IPV6_TRANSPARENT``) set
     before bind, for TPROXY. Needs CAP_NET_ADMIN. No host: dual stack when possible."""
     if not host:
@@ -137,6 +139,8 @@ def transparent_socket(host: str | None, port: int, backlog: int = 1024) -> sock
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:  # one listening socket per worker (--workers)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if family == socket.AF_INET6:
             if not host:
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
