@@ -122,6 +122,11 @@ class RotatingFileSink:
 
 
 Counter = Callable[[str], None]
+BatchCounter = Callable[[str, int], None]  # (event, how many lines of it)
+
+
+def _ignore_batch(_event: str, _count: int) -> None:
+    pass
 
 
 def _ignore(_event: str) -> None:
@@ -135,7 +140,7 @@ class LineSink:
         self,
         sink: Sink,
         capacity: int = DEFAULT_CAPACITY,
-        on_written: Counter = _ignore,
+        on_written: BatchCounter = _ignore_batch,
         on_dropped: Counter = _ignore,
     ) -> None:
         self._sink = sink
@@ -177,17 +182,17 @@ class LineSink:
             self._wake.clear()
             while self._lines:
                 batch: list[str] = []
-                events: list[str] = []
+                events: dict[str, int] = {}
                 while self._lines and len(batch) < 512:
                     event, line = self._lines.popleft()
                     batch.append(line)
-                    events.append(event)
+                    events[event] = events.get(event, 0) + 1
                 if self._dropped_total != self._reported_drops:
                     self._reported_drops = self._dropped_total
                     batch.append(self._drop_line())
                 self._emit("\n".join(batch) + "\n")
-                for event in events:
-                    self.on_written(event)
+                for event, count in events.items():
+                    self.on_written(event, count)
             if self._closing:
                 return
 

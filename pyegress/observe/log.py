@@ -92,11 +92,11 @@ def close() -> None:
         _output = None
 
 
-def _count_written(event: str) -> None:
+def _count_written(event: str, count: int) -> None:
     if event != "log":  # log lines are not audit events
         from pyegress.observe import metrics
 
-        metrics.audit_event(event)
+        metrics.audit_event(event, count)
 
 
 def _adder(fields: dict[str, Any]) -> Any:

@@ -555,12 +555,12 @@ def tls_handshake(tier: str, side: str, result: str) -> None:
     child.inc()
 
 
-def audit_event(event: str) -> None:
+def audit_event(event: str, count: int = 1) -> None:
     key = enum_label(event, AUDIT_EVENTS)
     child = _audit.get(key)
     if child is None:
         child = _audit[key] = AUDIT_EVENTS_TOTAL.labels(key)
-    child.inc()
+    child.inc(count)
 
 
 def audit_dropped(event: str) -> None:
