@@ -996,7 +996,7 @@ class Bench:
         self.s.profile.mkdir(parents=True, exist_ok=True)
         spies = []
         for st in procs:
-            if not st.name.startswith("pyegress"):
+            if not (st.name.startswith("pyegress") or st.tier):  # ours: by name, or a tier
                 continue
             out = self.s.profile / f"{st.name}-{label}.txt"
             argv = [str(VENV_BIN / "py-spy"), "record", "--pid", str(st.popen.pid)]

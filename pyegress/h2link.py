@@ -21,6 +21,9 @@ Flow control is the backpressure. Two rules:
    stream reports ``write_paused`` and pauses the endpoint that feeds it. When the
    socket's own buffer is full, every stream holds its bytes until it drains.
 
+DATA frames bypass the h2 library's frame objects and copies both ways
+(:mod:`pyegress.h2fast`); h2 still keeps the state machines and the windows.
+
 The h2 library formats every received frame with ``repr()`` for a trace log even when no
 logger is set; for DATA frames that hex-encodes the whole payload. :func:`_lean_data_repr`
 replaces DATA's body repr with its length (see ``tests/test_h2_link.py``).
@@ -45,16 +48,17 @@ import hyperframe.frame
 
 from pyegress.endpoint import BufferedEndpoint, Endpoint
 from pyegress.errors import TierLinkLost
+from pyegress.h2fast import FrameReader, send_frames
 
 if TYPE_CHECKING:
     from pyegress.relay import Relay
 
 # Sizes (python-notes 2.4, 2.6): 64 KiB frames, 2 MiB stream windows, a 64 MiB
-# connection window raised right after the preface, receive_data fed 64 KiB at a time.
+# connection window raised right after the preface. DATA frames take the fast path
+# (h2fast.py); h2 gets the other frames one whole frame at a time.
 MAX_FRAME_SIZE = 64 * 1024
 STREAM_WINDOW = 2 * 1024 * 1024
 CONNECTION_WINDOW = 64 * 1024 * 1024
-RECEIVE_SLICE = 64 * 1024
 MAX_CONCURRENT_STREAMS = 1000
 PENDING_HIGH_WATER = 256 * 1024
 TRANSPORT_HIGH_WATER = 1024 * 1024
@@ -136,7 +140,7 @@ class H2Stream(BufferedEndpoint):
 
     # -- events from the link ---------------------------------------------------------
 
-    def _on_data(self, data: bytes, flow_length: int) -> None:
+    def _on_data(self, data: bytes | memoryview, flow_length: int) -> None:
         peer = self._peer
         if peer is not None:
             self.bytes_in += len(data)
@@ -346,6 +350,7 @@ class H2Link(asyncio.Protocol):
         self._conn_credit = 0
         self._ping_waiter: asyncio.Future[None] | None = None
         self._on_closed: list[Callable[[H2Link], None]] = []
+        self._reader: FrameReader  # made in connection_made, with the settings
 
     # -- connection lifecycle ---------------------------------------------------------
 
@@ -370,6 +375,9 @@ class H2Link(asyncio.Protocol):
             client=self.client_side, initial_values=initial
         )
         self.conn.max_inbound_frame_size = MAX_FRAME_SIZE
+        self._reader = FrameReader(
+            self.conn, self.streams, server=not self.client_side, max_frame=MAX_FRAME_SIZE
+        )
         self.conn.initiate_connection()
         self.conn.increment_flow_control_window(CONNECTION_WINDOW - 65535)
         self._flush()
@@ -432,27 +440,35 @@ class H2Link(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self._in_receive = True
         try:
-            view = memoryview(data)
-            for start in range(0, len(view), RECEIVE_SLICE):
-                events = self.conn.receive_data(view[start : start + RECEIVE_SLICE])
-                for event in events:
-                    self._dispatch(event)
-                if self.closed:
-                    return
+            self._reader.feed(data, self._dispatch_all)
+        except _Stop:
+            return
         except (h2.exceptions.ProtocolError, UnicodeDecodeError, ValueError) as exc:
             # (h2 decodes headers inside receive_data: bad bytes raise UnicodeDecodeError.)
             self.lost_reason = f"HTTP/2 protocol error from peer: {exc}"
             self._in_receive = False
+            # h2 queued a GOAWAY for what it caught itself (and refuses a second one);
+            # a window overrun caught on the fast path gets its GOAWAY here.
+            code = getattr(exc, "error_code", h2.errors.ErrorCodes.PROTOCOL_ERROR)
+            with suppress(h2.exceptions.ProtocolError):
+                self.conn.close_connection(error_code=code)
             self._flush()
             if self.transport is not None:
                 self.transport.close()
             return
         finally:
             self._in_receive = False
+            self._conn_credit += self._reader.take_data_bytes()
         if self._conn_credit >= CONNECTION_WINDOW // 4:
             credit, self._conn_credit = self._conn_credit, 0
             self.conn.increment_flow_control_window(credit)
         self._flush()
+
+    def _dispatch_all(self, events: list[h2.events.Event]) -> None:
+        for event in events:
+            self._dispatch(event)
+        if self.closed:
+            raise _Stop
 
     def _dispatch(self, event: h2.events.Event) -> None:
         if isinstance(event, h2.events.DataReceived):
@@ -556,14 +572,11 @@ class H2Link(asyncio.Protocol):
         size = min(window, len(data))
         if size <= 0:
             return 0
-        frame = self.conn.max_outbound_frame_size
-        view = memoryview(data)
-        try:
-            for start in range(0, size, frame):
-                self.conn.send_data(stream_id, view[start : min(start + frame, size)])
-        except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
+        out = send_frames(self.conn, stream_id, memoryview(data)[:size])
+        if out is None:
             return 0
-        self._flush()
+        assert self.transport is not None
+        self.transport.write(out)
         return size
 
     def mark_blocked(self, stream: H2Stream) -> None:
@@ -622,6 +635,10 @@ class H2Link(asyncio.Protocol):
     @property
     def open_streams(self) -> int:
         return len(self.streams)
+
+
+class _Stop(Exception):
+    """The link closed while its received bytes were being dispatched."""
 
 
 def _headers(raw: Any) -> list[tuple[str, str]]:

@@ -151,6 +151,44 @@ def test_200_tunnels_share_one_link_and_a_stalled_reader_stalls_nobody(
     assert len({r["client"] for r in records}) == 1
 
 
+def test_conns_spreads_tunnels_over_several_links(
+    pyegress: PyegressFactory, tier_certs: TierCerts, tcp_origin: TcpOrigin
+) -> None:
+    """conns=3: the sidecar keeps three links to the DMZ and puts each new tunnel on
+    the one with the fewest streams; every byte still arrives."""
+    tier = _start_tier(pyegress, tier_certs, sidecar_extra="&conns=3")
+    held = []
+    for i in range(12):
+        sock, head = http_connect(("127.0.0.1", tier.http_port), f"127.0.0.1:{tcp_origin.port}")
+        assert head.startswith(b"HTTP/1.1 200")
+        sock.sendall(b"ECHO\n" + str(i).encode())
+        assert recv_exact(sock, len(str(i))) == str(i).encode()
+        held.append(sock)
+        time.sleep(0.05)  # the further links come up in the background
+    payload = pattern(4 * 1024 * 1024)
+    sock, head = http_connect(("127.0.0.1", tier.http_port), f"127.0.0.1:{tcp_origin.port}")
+    assert head.startswith(b"HTTP/1.1 200")
+    sock.sendall(b"ECHO\n")
+    reader = concurrent.futures.ThreadPoolExecutor(1).submit(recv_exact, sock, len(payload))
+    sock.sendall(payload)
+    assert reader.result(timeout=30) == payload
+    sock.close()
+    for s in held:
+        s.close()
+    records = tier.dmz.wait_records("tunnel_closed", 13, timeout=20)
+    links = {r["client"] for r in records}
+    assert len(links) == 3, links
+    # The last tunnels were spread: no link carried more than half of the 13.
+    per_link = [sum(1 for r in records if r["client"] == c) for c in links]
+    assert max(per_link) <= 7, per_link
+
+
+def test_conns_out_of_range_is_refused(pyegress: PyegressFactory) -> None:
+    proc = pyegress(["-L", "http://127.0.0.1:{0}", "-F", "h2://127.0.0.1:9?conns=0"], wait=False)
+    assert proc.wait(10) == 2
+    assert "conns=0: between 1 and 64 connections" in proc.output()
+
+
 def test_sidecar_headers_and_inner_connect_decoded_independently(
     pyegress: PyegressFactory, tier_certs: TierCerts
 ) -> None:

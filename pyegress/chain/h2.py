@@ -1,8 +1,11 @@
 """The client end of the tier link: HTTP/2 connections to one h2/h2c/http2 node.
 
-All tunnels to a node share one connection, a stream each (gost-compat 2.1). A further
-connection is opened when the peer's MAX_CONCURRENT_STREAMS is reached or the current
-one is going away (GOAWAY). A stream is opened exactly as gost opens it: HEADERS with
+All tunnels to a node share one connection, a stream each (gost-compat 2.1); with
+``conns=N`` (a pyegress extension) up to N connections are kept and each new tunnel
+goes to the one carrying the fewest streams, so one TCP connection's head-of-line
+blocking, one DMZ replica behind a Service, or one core at the far end is not the
+limit. A further connection is opened when the peer's MAX_CONCURRENT_STREAMS is reached
+or the current one is going away (GOAWAY). A stream is opened exactly as gost opens it: HEADERS with
 ``:method CONNECT`` and ``:authority`` = the node's address (or ``host=``), no
 ``:scheme``/``:path``; with ``path=`` it is gost's GET mode instead. ``ping=N`` sends an
 HTTP/2 PING every N seconds and closes a link whose PING goes unanswered.
@@ -18,6 +21,7 @@ from contextlib import suppress
 from pyegress.config.nodes import Node, join_host_port
 from pyegress.endpoint import Endpoint, TcpEndpoint
 from pyegress.errors import (
+    ConfigError,
     ConnectTimeout,
     PyegressError,
     TierLinkLost,
@@ -34,6 +38,7 @@ RouteDialer = Callable[[str, int, float], Awaitable[Endpoint]]
 
 # Stream ids are 31-bit; rotate to a new connection well before they run out.
 _LAST_STREAM_ID = 2**31 - 1000
+MAX_CONNS = 64
 
 
 class H2ClientLink(H2Link):
@@ -75,6 +80,9 @@ class H2Node:
             self.tls = client_context(node, ["h2"])
         self.authority = node.param("host") or node.address
         self.path = node.param("path") or None
+        self.conns = node.integer("conns", 1)
+        if not 1 <= self.conns <= MAX_CONNS:
+            raise ConfigError(f"conns={self.conns}: between 1 and {MAX_CONNS} connections")
         self.links: list[H2ClientLink] = []
         self._connecting: asyncio.Future[H2ClientLink] | None = None
         # Reconnect backoff: after a failed connect, new tunnels fail fast (or go to
@@ -139,10 +147,30 @@ class H2Node:
         return stream
 
     def _usable_link(self) -> H2ClientLink | None:
+        """The open link with the fewest streams; below ``conns`` links, one more is
+        started in the background for the tunnels after this one."""
+        best: H2ClientLink | None = None
+        usable = 0
         for link in self.links:
             if link.can_open():
-                return link
-        return None
+                usable += 1
+                if best is None or len(link.streams) < len(best.streams):
+                    best = link
+        if best is not None and usable < self.conns and self._connecting is None:
+            self._grow()
+        return best
+
+    def _grow(self) -> None:
+        loop = asyncio.get_running_loop()
+        if self._last_error is not None and loop.time() < self._retry_at:
+            return
+        task = asyncio.ensure_future(self._add_link())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _add_link(self) -> None:
+        with suppress(PyegressError):  # the next tunnel's own attempt reports failures
+            await self._connect_shared()
 
     async def _connect_shared(self) -> H2ClientLink:
         # Tunnels that arrive while a connection is being made wait for that one.

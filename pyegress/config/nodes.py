@@ -137,6 +137,7 @@ _PARAM_ALIASES = {
     "tls.crl": "crl",
     "maxlifetime": "max_lifetime",
     "splice": "splice",
+    "conns": "conns",
 }
 # Canonical parameters the engine acts on; any other parsed parameter is warned about
 # once as ignored (cli.py), and a gost file may not set it (config/gostfile.py).
@@ -145,7 +146,7 @@ IMPLEMENTED_PARAMS = frozenset(
         "timeout", "handshake_timeout", "idle_timeout", "retries", "proxy_agent", "auth",
         "realm", "cert", "key", "ca", "secure", "server_name", "host", "path", "ping", "ip",
         "strategy", "max_fails", "fail_timeout", "max_streams", "dns_timeout", "bypass",
-        "max_lifetime", "splice", "crl",
+        "max_lifetime", "splice", "crl", "conns",
         # the transparent listeners (redirect://, dns://)
         "sniffing", "sniffing_timeout", "tproxy", "range", "range6", "upstream", "suffix",
         "ttl", "keep", "size",
