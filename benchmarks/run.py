@@ -39,6 +39,8 @@ from pathlib import Path
 from types import FrameType
 from typing import Any, ClassVar, Literal
 
+from chart import Bar, svg_chart, text_chart
+
 Proto = Literal["http", "socks5", "none"]
 JSON = dict[str, Any]
 
@@ -1389,6 +1391,48 @@ def _summary_columns(st: JSON) -> list[tuple[str, str, int, bool]]:
     ]
 
 
+# The figures of the ratio chart: (metric key, label, higher is better).
+_CHART_FIGURES = [
+    ("rate_tps", "tunnels/s", True),
+    ("bulk_down1_mbps", "MB/s, 1 tunnel", True),
+    ("bulk_down8_mbps", "MB/s, 8 tunnels", True),
+    ("bulk_down8_cpu_s_per_gb", "bytes per CPU s", False),
+    ("idle_kib_per_tunnel", "idle tunnels per MiB", False),
+]
+
+
+def chart_bars(results: JSON) -> tuple[str, list[Bar]]:
+    """The first anchor of the run and, for every other subject, its ratios to it,
+    oriented so that larger is better (costs inverted)."""
+    subjects: list[str] = results["subjects"]
+    anchors: list[str] = results.get("anchors") or SETS[DEFAULT_SET].anchors
+    vals = collect(results)
+    present = [spec for spec in anchors if any(_anchor(spec, s) in subjects for s in subjects)]
+    if not present:
+        return "", []
+    spec = present[0]
+    bars: list[Bar] = []
+    for s in subjects:
+        anchor = _anchor(spec, s)
+        if s in (anchor, "direct") or anchor not in subjects:
+            continue
+        for key, label, higher in _CHART_FIGURES:
+            mine, theirs = vals.get(s, {}).get(key), vals.get(anchor, {}).get(key)
+            if not mine or not theirs:
+                continue
+            a, b = statistics.median(mine), statistics.median(theirs)
+            if a > 0 and b > 0:
+                bars.append(Bar(s, label, a / b if higher else b / a))
+    return _anchor_label(spec), bars
+
+
+def write_chart(results: JSON, out_dir: Path) -> None:
+    anchor, bars = chart_bars(results)
+    if bars:
+        title = f"pyegress benchmark ({results.get('set') or 'custom'}): ratios to {anchor}"
+        (out_dir / "ratios.svg").write_text(svg_chart(bars, anchor, title))
+
+
 def render_report(results: JSON) -> str:
     st = results["settings"]
     subjects: list[str] = results["subjects"]
@@ -1465,6 +1509,18 @@ def render_report(results: JSON) -> str:
     ]
     for s in subjects:
         lines.append(f"| {s} | " + " | ".join(cell(s, k, d) for k, _, d, _ in cols) + " |")
+    chart_anchor, bars = chart_bars(results)
+    if bars:
+        lines += [
+            "",
+            f"## At a glance: ratios to {chart_anchor}",
+            "",
+            "![ratio chart](ratios.svg)",
+            "",
+            "```",
+            *text_chart(bars, chart_anchor),
+            "```",
+        ]
     for spec in anchors:
         if not any(_anchor(spec, s) in subjects for s in subjects):
             continue  # the anchor was not in this run
@@ -1678,6 +1734,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.report_only:
         loaded: JSON = json.loads(args.report_only.read_text())
         (args.report_only.parent / "report.md").write_text(render_report(loaded))
+        write_chart(loaded, args.report_only.parent)
         return 0
     chosen = SETS[args.subject_set or DEFAULT_SET]
     names = (
@@ -1776,6 +1833,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(results, indent=1))
     (args.out / "report.md").write_text(render_report(results))
+    write_chart(results, args.out)
     log(f"wrote {args.out / 'report.md'} and {args.out / 'results.json'}")
     return 0
 

@@ -468,9 +468,10 @@ class Service:
         return False
 
     def _meter(self, t: Tunnel, relay: Relay) -> None:
+        """Byte metering of a tunnel without an idle timeout (no idle check to ride)."""
         if t.relay is not relay or relay.reason is not None:
             return
-        metrics.add_bytes(t.tier, *t.unmetered())
+        t.meter()
         asyncio.get_running_loop().call_later(_METER_PERIOD, self._meter, t, relay)
 
     async def relay(self, t: Tunnel, client: Endpoint, upstream: Endpoint) -> None:
@@ -490,7 +491,10 @@ class Service:
             loop = asyncio.get_running_loop()
             if max_lifetime > 0:
                 lifetime = loop.call_later(max_lifetime, relay.stop, "max_lifetime")
-            meter = loop.call_later(_METER_PERIOD, self._meter, t, relay)
+            if relay.idle_timeout > 0:
+                relay.on_tick = t.meter  # rides on the idle check's timer
+            else:
+                meter = loop.call_later(_METER_PERIOD, self._meter, t, relay)
             t.reason = await relay.run()
             if t.reason in _TIMEOUT_KINDS:
                 metrics.timeout(t.tier, _TIMEOUT_KINDS[t.reason])

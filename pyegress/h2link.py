@@ -34,7 +34,7 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import suppress
 from typing import TYPE_CHECKING, Any, cast
 
@@ -128,7 +128,8 @@ class H2Stream(BufferedEndpoint):
         super().__init__()
         self.link = link
         self.stream_id = stream_id
-        self.headers: list[tuple[str, str]] = []
+        # The request's headers, kept only where a handler reads them later.
+        self.headers: Sequence[tuple[str, str]] = ()
         self.response: asyncio.Future[list[tuple[str, str]]] | None = None
         self._buf_credit = 0
         self._pending = bytearray()
@@ -658,7 +659,7 @@ def _address(value: Any) -> tuple[str, int]:
     return ("", 0)
 
 
-def header(headers: list[tuple[str, str]], name: str) -> str | None:
+def header(headers: Sequence[tuple[str, str]], name: str) -> str | None:
     for key, value in headers:
         if key == name:
             return value

@@ -24,8 +24,11 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 
 from pyegress.endpoint import Endpoint
+
+TICK_PERIOD = 5.0
 
 
 class Relay:
@@ -34,11 +37,13 @@ class Relay:
         "_idle_handle",
         "_idle_last_change",
         "_idle_last_total",
+        "_next_tick",
         "_start_down",
         "_start_up",
         "client",
         "client_eof",
         "idle_timeout",
+        "on_tick",
         "reason",
         "upstream",
         "upstream_eof",
@@ -57,6 +62,10 @@ class Relay:
         self._idle_last_change = 0.0
         self._start_up = client.bytes_in
         self._start_down = upstream.bytes_in
+        # Called from the idle check, at most every TICK_PERIOD seconds (the byte
+        # metering of a long tunnel rides on the timer the tunnel has anyway).
+        self.on_tick: Callable[[], None] | None = None
+        self._next_tick = 0.0
 
     async def run(self) -> str:
         """Relay until the tunnel ends; return the close reason."""
@@ -65,6 +74,7 @@ class Relay:
         self._begin()
         if self.reason is None and self.idle_timeout > 0:
             self._idle_last_change = time.monotonic()
+            self._next_tick = self._idle_last_change + TICK_PERIOD
             self._idle_handle = loop.call_later(self._idle_period(), self._check_idle)
         try:
             if self.reason is None:
@@ -171,6 +181,9 @@ class Relay:
         if self.reason is not None:
             return
         now = time.monotonic()
+        if self.on_tick is not None and now >= self._next_tick:
+            self._next_tick = now + TICK_PERIOD
+            self.on_tick()
         total = self.bytes_up + self.bytes_down
         if total != self._idle_last_total:
             self._idle_last_total = total

@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from pyegress.observe import metrics
 from pyegress.observe.audit import cap, iso_time
 from pyegress.relay import Relay
 
@@ -100,6 +101,10 @@ class Tunnel:
         delta = (up - self.metered_up, down - self.metered_down)
         self.metered_up, self.metered_down = up, down
         return delta
+
+    def meter(self) -> None:
+        """Add what the tunnel moved since the last call to the byte counters."""
+        metrics.add_bytes(self.tier, *self.unmetered())
 
     @property
     def mode(self) -> str:

@@ -98,6 +98,7 @@ class H2ServerLink(H2Link):
         if service.node.kind == "http2":
             service.engine.spawn(_serve_http2_safely(stream, self, service))
             return
+        stream.headers = ()  # read no further: an idle tunnel holds no header strings
         self.respond(stream_id, 200)
         service.engine.spawn(service.serve(stream))
 

@@ -80,7 +80,10 @@ async def serve(client: Endpoint, service: Service) -> None:
             await _refuse(client, service, exc)
             return
         first = False
-        if not await handle_request(client, service, head):
+        # Handed over in a box: a tunnel's frames keep no parsed head while it relays.
+        box = [head]
+        del head
+        if not await handle_request(client, service, box):
             return
 
 
@@ -125,8 +128,10 @@ def _authenticate(service: Service, head: RequestHead) -> str | None:
     return creds[0]
 
 
-async def handle_request(client: Endpoint, service: Service, head: RequestHead) -> bool:
-    """Serve one request; True when the client connection may carry another."""
+async def handle_request(client: Endpoint, service: Service, box: list[RequestHead]) -> bool:
+    """Serve one request (taken out of ``box``); True when the client connection may
+    carry another."""
+    head = box.pop()
     kind = "http-connect" if head.method == "CONNECT" else "http-forward"
     async with service.tunnel(client, kind) as t:
         conn_id = head.get(CONN_ID_HEADER)
@@ -158,6 +163,7 @@ async def handle_request(client: Endpoint, service: Service, head: RequestHead) 
             + service.proxy_agent.encode("latin-1", "replace")
             + b"\r\n\r\n"
         )
+        del head  # an idle tunnel holds no header strings (about 1 KiB each)
         await service.relay(t, client, upstream)
         return False
 
