@@ -24,8 +24,10 @@ overruns them). Its END_STREAM goes to ``h2`` as an empty DATA frame with the fl
 ``h2``'s stream state machine sees the end. Every other frame (SETTINGS, HEADERS,
 WINDOW_UPDATE, RST_STREAM, PING, GOAWAY, padded or unknown-stream DATA, and the
 client's connection preface) is handed to ``h2.receive_data`` whole, and its events
-are dispatched as before. A frame longer than our SETTINGS_MAX_FRAME_SIZE is handed to
-``h2`` at its header, which refuses it (FRAME_SIZE_ERROR).
+are dispatched as before. A frame longer than our SETTINGS_MAX_FRAME_SIZE ends the link
+at its header (GOAWAY FRAME_SIZE_ERROR). A DATA piece is handed out as a slice of the
+received buffer when it is most of that buffer, and copied otherwise, so a transport
+holding it never pins a much larger buffer.
 
 ``h2`` attributes used beyond its public API (stable across h2 4.x): ``streams``,
 each stream's ``state_machine``, ``outbound_flow_control_window`` and
@@ -161,7 +163,9 @@ class FrameReader:
                 if target is not None:
                     self.data_bytes += take
                     if not target.closed:
-                        target._on_data(chunk, take)
+                        # A slice keeps the whole received buffer alive for as long as
+                        # a transport holds it: hand out slices only of most of it.
+                        target._on_data(chunk if 2 * take >= n else bytes(chunk), take)
                 else:
                     assert self._slow is not None
                     self._slow += chunk
@@ -191,7 +195,7 @@ class FrameReader:
                     self._frame_done(dispatch)
                 return
         if length > self._max_frame:
-            dispatch(self._conn.receive_data(head))  # h2 refuses it: FRAME_SIZE_ERROR
+            # Longer than our SETTINGS_MAX_FRAME_SIZE: the link ends (FRAME_SIZE_ERROR).
             raise h2.exceptions.FrameTooLargeError(f"frame of {length} bytes")
         self._target = None
         self._slow = bytearray(head)

@@ -446,13 +446,14 @@ class H2Link(asyncio.Protocol):
             return
         except (h2.exceptions.ProtocolError, UnicodeDecodeError, ValueError) as exc:
             # (h2 decodes headers inside receive_data: bad bytes raise UnicodeDecodeError.)
-            self.lost_reason = f"HTTP/2 protocol error from peer: {exc}"
+            self.lost_reason = self.lost_reason or f"HTTP/2 protocol error from peer: {exc}"
             self._in_receive = False
-            # h2 queued a GOAWAY for what it caught itself (and refuses a second one);
-            # a window overrun caught on the fast path gets its GOAWAY here.
-            code = getattr(exc, "error_code", h2.errors.ErrorCodes.PROTOCOL_ERROR)
-            with suppress(h2.exceptions.ProtocolError):
-                self.conn.close_connection(error_code=code)
+            # h2 queued a GOAWAY for what it caught itself (its state is CLOSED then); an
+            # error caught on the fast path (a window overrun) gets its GOAWAY here.
+            if self.conn.state_machine.state != h2.connection.ConnectionState.CLOSED:
+                code = getattr(exc, "error_code", h2.errors.ErrorCodes.PROTOCOL_ERROR)
+                with suppress(h2.exceptions.ProtocolError):
+                    self.conn.close_connection(error_code=code)
             self._flush()
             if self.transport is not None:
                 self.transport.close()
@@ -468,8 +469,9 @@ class H2Link(asyncio.Protocol):
     def _dispatch_all(self, events: list[h2.events.Event]) -> None:
         for event in events:
             self._dispatch(event)
-        if self.closed:
-            raise _Stop
+        transport = self.transport
+        if self.closed or (transport is not None and transport.is_closing()):
+            raise _Stop  # what else the read held is for a link that is going away
 
     def _dispatch(self, event: h2.events.Event) -> None:
         if isinstance(event, h2.events.DataReceived):

@@ -46,10 +46,12 @@ tunnel saves (a pipe, a reader and a writer registration per direction, a ``dup`
 socket), so by default a tunnel starts on the plain relay and switches once either side
 has sent ``PYEGRESS_SPLICE_AFTER`` bytes (default 128 KiB; ``0`` splices from the first
 byte): API calls and handshakes stay on the cheap path, downloads and uploads move to
-the kernel. The switch happens between two reads: both endpoints are detached and
-stop reading, the relay waits (polling, at most ``SWITCH_WAIT`` seconds) until both
-transports have written what they hold, then takes the sockets over as above. A side
-that ends, fails or will not drain meanwhile leaves the tunnel on the plain relay.
+the kernel. The switch happens between two reads, when neither transport holds unsent
+bytes (otherwise it is tried again after the next ``PYEGRESS_SPLICE_AFTER`` bytes, so a
+slow reader never stalls the tunnel): both endpoints are detached and stop reading,
+and the sockets are taken over as above. Should a transport still hold bytes then, the
+relay waits for it (polling, at most ``SWITCH_WAIT`` seconds); a side that ends, fails
+or will not drain meanwhile leaves the tunnel on the plain relay.
 
 Turned off by ``PYEGRESS_SPLICE=0`` in the environment or ``splice=false`` on a ``-L``
 node, and off by itself where ``os.splice`` does not exist or does not work.
@@ -316,6 +318,12 @@ class SpliceRelay(Relay):
         if self.client_eof or self.upstream_eof:
             return  # half closed already: not worth the trouble
         if not (client.splice_capable() and upstream.splice_capable()):
+            return
+        if client.write_buffered() or upstream.write_buffered():
+            # A side is behind (a slow reader): try again after the next stretch of
+            # bytes rather than stop both directions to wait for it.
+            client.upgrade_at = client.bytes_in + self._after
+            upstream.upgrade_at = upstream.bytes_in + self._after
             return
         loop = asyncio.get_running_loop()
         client.detach()

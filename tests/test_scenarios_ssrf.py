@@ -496,7 +496,8 @@ def test_26_proxy_gets_the_name_and_credentials_stay_out_of_logs(
     check_pair(net, decision_rec, close_rec)
     assert get(decision_rec, "decision.rule_id") == "via-proxy"
     assert get(close_rec, "upstream.via") == "proxy"
-    assert get(close_rec, "result.close_reason") == "eof"
+    # curl may end its TLS session with unread bytes in flight (an RST): its choice.
+    assert get(close_rec, "result.close_reason") in ("eof", "client_reset")
     # squid saw the name (not an address) and the DMZ's credentials.
     line = squid.wait_access(f"CONNECT {name}:443")
     assert f" {PROXY_USER} " in line, line

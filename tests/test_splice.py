@@ -221,7 +221,7 @@ def test_a_short_tunnel_never_switches(loop: str) -> None:
 
 def test_a_client_that_stops_reading_keeps_the_tunnel_plain(loop: str) -> None:
     """A switch needs both transports drained; a client that reads nothing keeps one
-    full, so after SWITCH_WAIT the tunnel carries on plain, losing nothing."""
+    full, so the switch is put off and the tunnel carries on plain, losing nothing."""
 
     async def small_buffers(client_ep: TcpEndpoint, _: TcpEndpoint) -> None:
         # The kernel takes little from the transport towards the client: its own
@@ -257,8 +257,8 @@ def test_a_client_that_stops_reading_keeps_the_tunnel_plain(loop: str) -> None:
 
 
 @pytest.mark.parametrize("who", ["client", "upstream"])
-def test_a_reset_while_switching_is_passed_on(loop: str, who: str) -> None:
-    """A side resets while the switch waits for the other transport to drain."""
+def test_a_reset_while_the_switch_is_put_off_is_passed_on(loop: str, who: str) -> None:
+    """A side resets while the switch is put off (both transports are full)."""
 
     async def small_buffers(*endpoints: TcpEndpoint) -> None:
         for ep in endpoints:
@@ -287,7 +287,7 @@ def test_a_reset_while_switching_is_passed_on(loop: str, who: str) -> None:
     run(loop, main())
 
 
-def test_a_stop_while_switching_closes_gracefully(loop: str) -> None:
+def test_a_stop_while_the_switch_is_put_off_closes_gracefully(loop: str) -> None:
     async def small_buffer(client_ep: TcpEndpoint, _: TcpEndpoint) -> None:
         assert client_ep.transport is not None
         sock = client_ep.transport.get_extra_info("socket")
@@ -297,7 +297,7 @@ def test_a_stop_while_switching_closes_gracefully(loop: str) -> None:
         t = await Tunnel.open(after=400_000, before=small_buffer)
         data = pattern(8 * 1024 * 1024)
         writer = asyncio.ensure_future(send_all(t.origin, data))
-        await asyncio.sleep(0.3)  # the client reads nothing: the switch is waiting
+        await asyncio.sleep(0.3)  # the client reads nothing: the switch is put off
         assert t.relay.kind == "plain"
         t.relay.stop("drain")
         assert await t.reason() == "drain"

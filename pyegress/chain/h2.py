@@ -39,6 +39,7 @@ RouteDialer = Callable[[str, int, float], Awaitable[Endpoint]]
 # Stream ids are 31-bit; rotate to a new connection well before they run out.
 _LAST_STREAM_ID = 2**31 - 1000
 MAX_CONNS = 64
+_GROW_BACKOFF = 5.0  # seconds before another extra link after one failed
 
 
 class H2ClientLink(H2Link):
@@ -91,6 +92,8 @@ class H2Node:
         self._retry_at = 0.0
         self._last_error: PyegressError | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self._closed = False
+        self._grow_after = 0.0  # after a failed extra link (conns=N), grow again then
         # Called when a link of this node dies of a missed PING (marks the member failed).
         self.on_failure: Callable[[], None] | None = None
 
@@ -162,15 +165,34 @@ class H2Node:
 
     def _grow(self) -> None:
         loop = asyncio.get_running_loop()
-        if self._last_error is not None and loop.time() < self._retry_at:
+        if self._closed or loop.time() < self._grow_after:
             return
         task = asyncio.ensure_future(self._add_link())
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
     async def _add_link(self) -> None:
-        with suppress(PyegressError):  # the next tunnel's own attempt reports failures
-            await self._connect_shared()
+        """One more link (``conns``). A failure here backs off growth only: tunnels
+        keep using the links there are, and their own dials report failures."""
+        if self._connecting is not None:
+            return
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[H2ClientLink] = loop.create_future()
+        self._connecting = future
+        try:
+            link = await self._connect()
+        except BaseException as exc:
+            # Tunnels waiting for this connect get its failure, and retry themselves.
+            failure = exc if isinstance(exc, PyegressError) else TierLinkLost(f"{exc!r}")
+            future.set_exception(failure)
+            future.exception()
+            if not isinstance(exc, Exception):
+                raise  # cancelled: the node is closing
+            self._grow_after = loop.time() + _GROW_BACKOFF
+            return
+        finally:
+            self._connecting = None
+        future.set_result(link)
 
     async def _connect_shared(self) -> H2ClientLink:
         # Tunnels that arrive while a connection is being made wait for that one.
@@ -258,6 +280,9 @@ class H2Node:
         except (OSError, ValueError) as exc:
             link.abort("connect failed")
             raise map_os_error(exc, what) from None
+        except BaseException:  # cancelled (shutdown): no half-made link stays open
+            link.abort("connect cancelled")
+            raise
         if self.tls is not None:
             metrics.tls_handshake("sidecar", "client", "ok")
         self.links.append(link)
@@ -305,6 +330,7 @@ class H2Node:
             self._retry_at = 0.0
 
     def close(self) -> None:
+        self._closed = True
         for link in list(self.links):
             link.close("shutdown")
         for task in list(self._tasks):

@@ -37,18 +37,21 @@ def wall_time(monotonic: float | None = None) -> float:
     return _WALL_ANCHOR + (time.monotonic() if monotonic is None else monotonic)
 
 
-_second: list[Any] = [None, ""]  # the last whole second formatted, and its text
+# The last whole second formatted, and its text: one tuple, replaced as a whole (the
+# writer thread formats times too).
+_second: tuple[int, str] = (-1, "")
 
 
 def iso_time(monotonic: float | None = None) -> str:
     """UTC, microseconds, ``Z`` suffix (the date and time of day formatted once a
     second: records are written several times per tunnel)."""
+    global _second
     moment = wall_time(monotonic)
     second = int(moment // 1)
     cached = _second
     if cached[0] != second:
-        cached[1] = datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S")
-        cached[0] = second
+        cached = (second, datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S"))
+        _second = cached
     micros = min(999_999, int((moment - second) * 1_000_000))
     return f"{cached[1]}.{micros:06d}Z"
 
