@@ -26,7 +26,7 @@ from typing import Any, Protocol, TextIO
 DEFAULT_CAPACITY = 100_000
 DEFAULT_MAX_BYTES = 100 * 1024 * 1024
 DEFAULT_BACKUPS = 5
-BATCH_DELAY = 0.01  # seconds the writer waits after a wake-up for more lines
+BATCH_DELAY = 0.005  # seconds the writer waits after a wake-up for more lines
 
 # Wall time anchored once to the monotonic clock: record times never jump backwards
 # when the system clock is stepped.
