@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any
 
 import h2.connection
 import h2.exceptions
@@ -89,18 +89,9 @@ def send_frames(
         pieces.append(queued)
     for start in range(0, size, frame):
         end = min(start + frame, size)
-        pieces.append(_HEADER.pack((end - start) >> 16, (end - start) & 0xFFFF, 0, 0, stream_id))
+        pieces.append(frame_header(end - start, _DATA, 0, stream_id))
         pieces.append(view[start:end])
     return b"".join(pieces)
-
-
-class Target(Protocol):
-    """Where a fast DATA frame's bytes go (an H2Stream)."""
-
-    @property
-    def closed(self) -> bool: ...
-
-    def _on_data(self, data: bytes | memoryview, flow_length: int) -> None: ...
 
 
 class FrameReader:

@@ -49,9 +49,8 @@ byte): API calls and handshakes stay on the cheap path, downloads and uploads mo
 the kernel. The switch happens between two reads, when neither transport holds unsent
 bytes (otherwise it is tried again after the next ``PYEGRESS_SPLICE_AFTER`` bytes, so a
 slow reader never stalls the tunnel): both endpoints are detached and stop reading,
-and the sockets are taken over as above. Should a transport still hold bytes then, the
-relay waits for it (polling, at most ``SWITCH_WAIT`` seconds); a side that ends, fails
-or will not drain meanwhile leaves the tunnel on the plain relay.
+and on the next loop iteration the sockets are taken over as above. A side that was
+lost in between leaves the tunnel on the plain relay, which applies its usual rules.
 
 Turned off by ``PYEGRESS_SPLICE=0`` in the environment or ``splice=false`` on a ``-L``
 node, and off by itself where ``os.splice`` does not exist or does not work.
@@ -71,8 +70,6 @@ from pyegress.relay import Relay
 
 PIPE_SIZE = 1 << 20
 DEFAULT_SPLICE_AFTER = 128 * 1024  # bytes from one side before a tunnel switches over
-SWITCH_WAIT = 2.0  # at most this long for both transports to drain before switching
-_SWITCH_POLL = 0.002
 POOL_MAX = 32  # empty pipes kept for the next leg that needs one
 FLUSH_TIMEOUT = 10.0  # after a graceful stop, how long taken bytes may take to leave
 
@@ -258,8 +255,8 @@ class SpliceRelay(Relay):
         self._down: _Leg | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._flush_handle: asyncio.TimerHandle | None = None
-        # While switching over: the poll waiting for both transports to drain.
-        self._switch: asyncio.TimerHandle | None = None
+        # While switching over: the callback that takes the sockets.
+        self._switch: asyncio.Handle | None = None
 
     @property
     def kind(self) -> str:
@@ -325,13 +322,11 @@ class SpliceRelay(Relay):
             client.upgrade_at = client.bytes_in + self._after
             upstream.upgrade_at = upstream.bytes_in + self._after
             return
-        loop = asyncio.get_running_loop()
         client.detach()
         upstream.detach()
-        deadline = loop.time() + SWITCH_WAIT
-        self._switch = loop.call_soon(self._switch_over, deadline)  # type: ignore[assignment]
+        self._switch = asyncio.get_running_loop().call_soon(self._switch_over)
 
-    def _switch_over(self, deadline: float) -> None:
+    def _switch_over(self) -> None:
         self._switch = None
         client, upstream = self.client, self.upstream
         assert isinstance(client, TcpEndpoint)
@@ -343,14 +338,7 @@ class SpliceRelay(Relay):
                 self._stay_plain()
                 self.on_lost(side, side.error)
                 return
-        if client.write_buffered() or upstream.write_buffered():
-            loop = asyncio.get_running_loop()
-            if loop.time() >= deadline:
-                self._stay_plain()
-                return
-            self._switch = loop.call_later(_SWITCH_POLL, self._switch_over, deadline)
-            return
-        if not self._take_sockets():
+        if not self._take_sockets():  # (nothing was written since the drained check)
             self._stay_plain()
             return
         self._start_legs()
