@@ -1002,7 +1002,11 @@ class Bench:
                 continue
             out = self.s.profile / f"{st.name}-{label}.txt"
             argv = [str(VENV_BIN / "py-spy"), "record", "--pid", str(st.popen.pid)]
-            argv += ["--subprocesses", "--nonblocking", "--rate", "200", "--format", "raw"]
+            argv += ["--subprocesses", "--rate", "200", "--format", "raw"]
+            if os.environ.get("PYEGRESS_PROFILE_NATIVE") == "1":
+                argv.append("--native")  # C frames too; py-spy then pauses the process
+            else:
+                argv.append("--nonblocking")
             argv += ["--output", str(out)]
             spies.append(
                 subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -1718,7 +1722,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         type=Path,
         default=None,
         help="write py-spy stacks (raw, collapsed) of every pyegress process per test here; "
-        "summarise them with benchmarks/profile_summary.py",
+        "summarise them with benchmarks/profile_summary.py (PYEGRESS_PROFILE_NATIVE=1 adds "
+        "C frames, pausing the process at each sample: shares only, not figures)",
     )
     p.add_argument(
         "--report-only",

@@ -56,6 +56,11 @@ class Endpoint:
         """Next received bytes in the handshake phase; ``b""`` at EOF."""
         raise NotImplementedError
 
+    @property
+    def buffered(self) -> int:
+        """Bytes received and not read yet (a ``read()`` returns them at once)."""
+        return 0
+
     def unread(self, data: bytes | bytearray) -> None:
         """Put bytes back in front of the receive buffer."""
         raise NotImplementedError
@@ -196,6 +201,10 @@ class BufferedEndpoint(Endpoint):
                     raise map_os_error(self._exc, "read")
                 return b""
             await self._wait()
+
+    @property
+    def buffered(self) -> int:
+        return len(self._buf)
 
     def unread(self, data: bytes | bytearray) -> None:
         if data:

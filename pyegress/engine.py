@@ -691,6 +691,8 @@ class Engine:
         metrics.set_ready(self.tier, True)
         if self.tier == "sidecar":
             self.spawn(self._watch_links())
+        if metrics.MULTIPROCESS:  # a worker: its files are all the supervisor reads
+            self.spawn(self._publish_metrics())
         self._changed("ready")
 
     def _changed(self, what: str) -> None:
@@ -800,6 +802,11 @@ class Engine:
             metrics.set_tier_streams(self.chain.streams_open())
             await asyncio.sleep(1.0)
 
+    async def _publish_metrics(self) -> None:
+        while not self.stopping:
+            metrics.publish()
+            await asyncio.sleep(metrics.PUBLISH_PERIOD)
+
     async def shutdown(self) -> None:
         """Stop accepting, let tunnels finish until the drain deadline, then end them."""
         self.stopping = True
@@ -833,6 +840,7 @@ class Engine:
         self.chain.close()
         if self.admin is not None:
             self.admin.close()
+        metrics.publish()
         self.log.info("stopped")
 
 

@@ -712,3 +712,36 @@ def test_healthcheck_usage_errors_exit_1(
     err = capsys.readouterr().err
     assert "Traceback" not in err
     assert err.strip()
+
+
+async def test_published_durations_land_in_the_buckets_observe_picks(admin: Admin) -> None:
+    """Per-tunnel counts wait as plain numbers until a scrape publishes them: the
+    buckets, sum and count equal a prometheus Histogram fed the same values."""
+    from prometheus_client import CollectorRegistry, Histogram
+
+    bounds = metrics.CONNECTION_DURATION._upper_bounds[:-1]
+    oracle = Histogram("oracle", "same buckets", buckets=bounds, registry=CollectorRegistry())
+    labels = {"tier": "proxy", "mode": "forward", "close_reason": "idle_timeout"}
+    before = (await get(admin.port, "/metrics")).body
+    values = (0.0, 0.1, 0.1000001, 0.7, 5.0, 86400.0, 86400.5, 10**7)
+    for seconds in values:
+        metrics.tunnel_opened("proxy", "forward")
+        metrics.tunnel_closed("proxy", "forward", "idle_timeout", seconds)
+        oracle.observe(seconds)
+    after = (await get(admin.port, "/metrics")).body
+
+    def delta(name: str, **extra: str) -> float:
+        return sample(after, name, **labels, **extra) - sample(before, name, **labels, **extra)
+
+    (family,) = oracle.collect()
+    expected = {s.labels.get("le"): s.value for s in family.samples}
+    for bound in [*bounds, float("inf")]:
+        le = "+Inf" if bound == float("inf") else str(float(bound))
+        got = delta("pyegress_connection_duration_seconds_bucket", le=le)
+        assert got == expected[le], le
+    assert delta("pyegress_connection_duration_seconds_count") == len(values)
+    assert delta("pyegress_connection_duration_seconds_sum") == pytest.approx(sum(values))
+    active = {"tier": "proxy", "mode": "forward"}
+    assert sample(after, "pyegress_connections_active", **active) == sample(
+        before, "pyegress_connections_active", **active
+    )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
 import time
@@ -88,3 +89,48 @@ def test_every_reason_code_in_the_metrics_enums_is_documented() -> None:
         and not (reason.startswith("resolved_") and f"`{reason[9:]}`" in docs)
     }
     assert not undocumented
+
+
+class _RecordingSink:
+    def __init__(self) -> None:
+        self.writes: list[str] = []
+
+    def write(self, text: str) -> None:
+        self.writes.append(text)
+
+    def close(self) -> None:
+        pass
+
+
+def test_lines_put_on_an_event_loop_reach_the_writer_as_one_batch() -> None:
+    sink = _RecordingSink()
+    written: list[tuple[str, int]] = []
+    lines = LineSink(sink, on_written=lambda event, count: written.append((event, count)))
+
+    async def tunnels() -> None:
+        for i in range(50):
+            assert lines.put("close", json.dumps({"n": i}))
+        await asyncio.sleep(0.2)
+
+    asyncio.run(tunnels())
+    assert len(sink.writes) == 1
+    assert [json.loads(x)["n"] for x in sink.writes[0].splitlines()] == list(range(50))
+    assert written == [("close", 50)]
+    lines.close()
+
+
+def test_a_batch_left_by_an_ended_loop_goes_out_first_and_none_is_lost() -> None:
+    sink = _RecordingSink()
+    lines = LineSink(sink)
+
+    async def put(first: int, count: int, wait: float) -> None:
+        for i in range(first, first + count):
+            lines.put("close", json.dumps({"n": i}))
+        await asyncio.sleep(wait)
+
+    asyncio.run(put(0, 3, 0))  # ends before its batch is handed over
+    asyncio.run(put(3, 2, 0.2))  # the next loop on this thread sends it first
+    lines.put("log", json.dumps({"n": 5}))  # no loop: straight to the writer
+    lines.close()
+    got = [json.loads(x)["n"] for text in sink.writes for x in text.splitlines()]
+    assert got == list(range(6))

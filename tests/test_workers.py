@@ -119,10 +119,14 @@ def test_every_worker_accepts_and_the_metrics_add_up(
     assert sorted(r["worker"] for r in listening) == [0, 1]
     assert all("worker" not in r for r in log_events(proc, "workers_starting"))
 
-    def counted() -> bool:
-        return value(scrape(admin), "pyegress_decisions_total", decision="allow") == 40
+    def counted() -> bool:  # a worker publishes its counts every PUBLISH_PERIOD
+        metrics = scrape(admin)
+        return (
+            value(metrics, "pyegress_decisions_total", decision="allow") == 40
+            and value(metrics, "pyegress_connection_duration_seconds_count", tier="dmz") == 40
+        )
 
-    wait_for(counted, 5.0, "decisions_total == 40 in the merged /metrics")
+    wait_for(counted, 5.0, "decisions and closed connections == 40 in the merged /metrics")
     metrics = scrape(admin)
     assert value(metrics, "pyegress_connections_accepted_total", tier="dmz") == 40
     assert value(metrics, "pyegress_connections_active", tier="dmz") == 0
@@ -186,6 +190,7 @@ def test_a_killed_worker_is_restarted(judge: tuple[Pyegress, Path], origin: TcpO
     tunnels(port, target, 30, proc)
     closes = proc.matching(40, 10.0, "tunnel_closed", reason="eof")
     assert workers_of(closes[10:]) == {0, 1}
+    wait_for(lambda: value(scrape(admin), "pyegress_decisions_total") == 40, 5.0, "40 decisions")
     metrics = scrape(admin)
     # The dead worker's counts stay in the sums; its live gauges are gone.
     assert value(metrics, "pyegress_decisions_total") == 40
@@ -267,6 +272,14 @@ def test_two_tiers_with_two_workers_each(
         lambda: value(scrape(dmz.ports[1]), "pyegress_decisions_total", decision="allow") == 30,
         5.0,
         "30 decisions at the DMZ",
+    )
+    wait_for(
+        lambda: (
+            value(scrape(sidecar.ports[1]), "pyegress_connections_accepted_total", tier="sidecar")
+            == 30
+        ),
+        5.0,
+        "30 accepted at the sidecar",
     )
     metrics = scrape(sidecar.ports[1])
     assert value(metrics, "pyegress_tier_links", state="up") >= 2  # one per worker at least

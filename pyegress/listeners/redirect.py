@@ -53,6 +53,8 @@ _METHODS = frozenset(
     {b"GET", b"POST", b"PUT", b"DELETE", b"OPTIONS", b"PATCH", b"HEAD", b"CONNECT", b"TRACE"}
 )
 _TOKEN_END = re.compile(rb"[ \t]")
+# Those methods and every prefix of them: a first read that may still become one.
+_METHOD_PREFIXES = frozenset(m[:n] for m in _METHODS for n in range(1, len(m) + 1))
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,10 +75,7 @@ def _classify(buf: bytes | bytearray) -> str:
         return "tls" if looks_like_tls(buf[:5]) else "other"
     found = _TOKEN_END.search(buf, 0, 16)
     if found is None:
-        head = bytes(buf[:16])
-        if len(buf) < 8 and any(m.startswith(head) for m in _METHODS):
-            return "more"
-        return "other"
+        return "more" if bytes(buf[:16]) in _METHOD_PREFIXES else "other"
     return "http" if bytes(buf[: found.start()]) in _METHODS else "other"
 
 
@@ -128,6 +127,12 @@ async def sniff(client: Endpoint, timeout: float) -> Sniffed:
     """Read the client's first bytes for at most ``timeout`` seconds and say what they
     name; every byte is put back."""
     buf = bytearray()
+    if client.buffered:  # the first bytes are here already: often they are enough
+        buf += await client.read()
+        found = examine(buf)
+        if found is not None:
+            client.unread(buf)
+            return found
     try:
         async with asyncio.timeout(timeout):
             while len(buf) <= MAX_SNIFF_BYTES:

@@ -100,7 +100,7 @@ async def start_admin(
     *,
     request_timeout: float = REQUEST_TIMEOUT,
     max_connections: int = MAX_CONNECTIONS,
-    render: Render = metrics.render,
+    render: Render = metrics.exposition,
 ) -> asyncio.Server:
     """Listen on ``host:port`` (``None``: every interface) and serve the admin routes.
 
@@ -164,6 +164,7 @@ class _AdminServer:
             return 405, b"method not allowed\n", _TEXT, (("Allow", "GET, HEAD"),)
         if path == b"/metrics":
             loop = asyncio.get_running_loop()
+            metrics.publish()  # on this thread, which makes the counts; then render
             body, content_type = await loop.run_in_executor(None, self._render)
             return 200, body, content_type, ()
         if path == b"/livez":

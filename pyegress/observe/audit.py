@@ -12,11 +12,13 @@ Sinks: a text stream (stdout) and a file rotated by size (``path``, ``path.1`` â
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import sys
 import threading
 import time
+from asyncio import _get_running_loop
 from collections import deque
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -26,7 +28,7 @@ from typing import Any, Protocol, TextIO
 DEFAULT_CAPACITY = 100_000
 DEFAULT_MAX_BYTES = 100 * 1024 * 1024
 DEFAULT_BACKUPS = 5
-BATCH_DELAY = 0.005  # seconds the writer waits after a wake-up for more lines
+BATCH_DELAY = 0.005  # seconds an event loop gathers lines before the writer gets them
 
 # Wall time anchored once to the monotonic clock: record times never jump backwards
 # when the system clock is stepped.
@@ -137,7 +139,12 @@ def _ignore(_event: str) -> None:
 
 
 class LineSink:
-    """A bounded queue of finished lines, drained by one writer thread."""
+    """A bounded queue of finished lines, written by one writer thread.
+
+    Lines put from a thread running an event loop gather there for
+    :data:`BATCH_DELAY` seconds and go to the writer as one text: the writer wakes
+    once per batch, and only to write it (every wake-up is a GIL hand-off the event
+    loop pays for). Lines put from anywhere else go to the writer at once."""
 
     def __init__(
         self,
@@ -148,7 +155,12 @@ class LineSink:
     ) -> None:
         self._sink = sink
         self._capacity = capacity
-        self._lines: deque[tuple[str, str]] = deque()
+        self._pending: list[tuple[str, str]] = []  # the loop thread's batch
+        self._batch_loop: asyncio.AbstractEventLoop | None = None  # gathers _pending
+        self._batcher = 0  # the ident of its thread
+        self._batches: deque[tuple[str, dict[str, int], int]] = deque()
+        self._queued = 0  # lines handed to the writer and not yet written
+        self._count_lock = threading.Lock()
         self._wake = threading.Event()
         self._closing = False
         self._dropped: dict[str, int] = {}
@@ -165,38 +177,60 @@ class LineSink:
 
     def put(self, event: str, line: str) -> bool:
         """Queue one line (no trailing newline); False when it was dropped."""
-        if len(self._lines) >= self._capacity or self._closing:
+        pending = self._pending
+        if len(pending) + self._queued >= self._capacity or self._closing:
             self._dropped[event] = self._dropped.get(event, 0) + 1
             self._dropped_total += 1
             self.on_dropped(event)
             return False
-        self._lines.append((event, line))
-        if not self._wake.is_set():
-            self._wake.set()
+        loop = _get_running_loop()
+        if loop is None:  # no loop here to gather a batch on
+            self._hand_over([(event, line)])
+            return True
+        if pending:
+            if loop is self._batch_loop:
+                pending.append((event, line))
+                return True
+            if threading.get_ident() != self._batcher:  # another thread's loop gathers
+                self._hand_over([(event, line)])
+                return True
+            self._flush()  # this thread's earlier loop ended before its batch went out
+        self._batcher = threading.get_ident()
+        self._batch_loop = loop
+        self._pending.append((event, line))
+        loop.call_later(BATCH_DELAY, self._flush)
         return True
+
+    def _flush(self) -> None:
+        batch, self._pending = self._pending, []
+        if batch:
+            self._hand_over(batch)
+
+    def _hand_over(self, lines: list[tuple[str, str]]) -> None:
+        events: dict[str, int] = {}
+        for event, _ in lines:
+            events[event] = events.get(event, 0) + 1
+        text = "\n".join([line for _, line in lines]) + "\n"
+        with self._count_lock:
+            self._queued += len(lines)
+        self._batches.append((text, events, len(lines)))
+        self._wake.set()
 
     def _run(self) -> None:
         while True:
             self._wake.wait()
-            if not self._closing:
-                # Let lines gather: one wake-up and one write per batch, not per line
-                # (each wake-up is a GIL hand-off the event loop pays for).
-                time.sleep(BATCH_DELAY)
             self._wake.clear()
-            while self._lines:
-                batch: list[str] = []
-                events: dict[str, int] = {}
-                while self._lines and len(batch) < 512:
-                    event, line = self._lines.popleft()
-                    batch.append(line)
-                    events[event] = events.get(event, 0) + 1
+            while self._batches:
+                text, events, count = self._batches.popleft()
                 if self._dropped_total != self._reported_drops:
                     self._reported_drops = self._dropped_total
-                    batch.append(self._drop_line())
-                self._emit("\n".join(batch) + "\n")
-                for event, count in events.items():
-                    self.on_written(event, count)
-            if self._closing:
+                    text += self._drop_line() + "\n"
+                self._emit(text)
+                with self._count_lock:
+                    self._queued -= count
+                for event, written in events.items():
+                    self.on_written(event, written)
+            if self._closing and not self._batches:
                 return
 
     def _drop_line(self) -> str:
@@ -218,14 +252,31 @@ class LineSink:
 
     def close(self, timeout: float = 5.0) -> None:
         """Write what is queued (up to ``timeout``), then stop the thread."""
+        self._flush()
         self._closing = True
         self._wake.set()
         self._thread.join(timeout)
         self._sink.close()
 
 
-# One encoder for every record (json.dumps with options builds a new one per call).
-_encode = json.JSONEncoder(ensure_ascii=True, separators=(",", ":"), default=str).encode
+def _encoder() -> Callable[[Any], str]:
+    """ASCII JSON without spaces, ``str()`` for other types: the C encoder made once
+    (``JSONEncoder.encode`` builds one per call) and without the cycle check, as
+    records are trees built afresh."""
+    plain = json.JSONEncoder(ensure_ascii=True, separators=(",", ":"), default=str)
+    make = getattr(json.encoder, "c_make_encoder", None)
+    if make is None:
+        return plain.encode
+    ascii_text = json.encoder.encode_basestring_ascii
+    chunks = make(None, str, ascii_text, None, ":", ",", False, False, True)
+
+    def encode(record: Any) -> str:
+        return "".join(chunks(record, 0))
+
+    return encode
+
+
+_encode = _encoder()
 
 
 class Output:

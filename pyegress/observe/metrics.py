@@ -22,8 +22,14 @@ summed, and every gauge names how it combines (``multiprocess_mode``). The
 
 The helpers at the bottom are what the data path calls. Each keeps a dict from its
 (already normalised) label tuple to the prometheus child, so a hot call costs a few
-set/dict lookups and one locked add instead of a ``.labels()`` call. Because keys are
-normalised first, the caches are bounded by the same label budget as the series.
+set/dict lookups instead of a ``.labels()`` call. Because keys are normalised first, the
+caches are bounded by the same label budget as the series. The per-tunnel ones do not
+touch the child either: they add to plain numbers (:class:`Pending`) that
+:func:`publish` moves into the children, in one locked add per series. The admin
+listener publishes before it renders (``render()`` does both), so a scrape sees every
+count made before it; a
+``--workers`` worker, scraped through its files, publishes every
+:data:`PUBLISH_PERIOD` seconds and when it stops.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ import os
 import platform
 import threading
 import time
+from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
@@ -370,7 +377,15 @@ BUILD_INFO.labels(__version__, platform.python_version()).set(1)
 
 
 def render() -> tuple[bytes, str]:
-    """The exposition body of the default registry and its content type."""
+    """The exposition body of the default registry and its content type, every count
+    made so far published first (call it on the thread that makes the counts)."""
+    publish()
+    return exposition()
+
+
+def exposition() -> tuple[bytes, str]:
+    """:func:`render` without publishing: for a thread other than the event loop's,
+    after the loop's thread called :func:`publish`."""
     return _generate_latest(REGISTRY), CONTENT_TYPE
 
 
@@ -418,6 +433,66 @@ def render_merged(
 
 
 # ---------------------------------------------------------------------------------------
+# Counts not yet in the prometheus children.
+
+PUBLISH_PERIOD = 0.1  # seconds between publishes of a --workers worker
+
+
+class Pending:
+    """Counter and gauge deltas and histogram observations made since the last
+    :func:`publish`, as plain numbers: a hot call adds to a dict entry where a child
+    update would take a lock per value (and a loop over the buckets per observation).
+    Used from the event loop thread only."""
+
+    __slots__ = ("adds", "buckets", "sums")
+
+    def __init__(self) -> None:
+        self.adds: dict[Counter | Gauge, float] = {}
+        self.buckets: dict[tuple[Histogram, int], int] = {}
+        self.sums: dict[Histogram, float] = {}
+
+    def add(self, child: Counter | Gauge, amount: float = 1.0) -> None:
+        adds = self.adds
+        adds[child] = adds.get(child, 0.0) + amount
+
+    def observe(self, child: Histogram, bounds: tuple[float, ...], amount: float) -> None:
+        """``child.observe(amount)``: the bucket is the first bound >= ``amount``."""
+        key = (child, bisect_left(bounds, amount))
+        buckets = self.buckets
+        buckets[key] = buckets.get(key, 0) + 1
+        sums = self.sums
+        sums[child] = sums.get(child, 0.0) + amount
+
+
+_pending = Pending()
+
+
+def publish() -> None:
+    """Move the pending counts into the prometheus children (and so into a worker's
+    multiprocess files). Call it from the event loop's thread, which makes the counts."""
+    global _pending
+    done, _pending = _pending, Pending()
+    for child, amount in done.adds.items():
+        if amount:
+            child.inc(amount)
+    # A histogram child's bucket and sum values, as its own observe() updates them.
+    for (hist, index), count in done.buckets.items():
+        hist._buckets[index].inc(count)
+    for hist, total in done.sums.items():
+        hist._sum.inc(total)
+
+
+def _bounds(histogram: Histogram) -> tuple[float, ...]:
+    """The upper bounds of ``histogram``'s buckets, ``+Inf`` last."""
+    return tuple(histogram._upper_bounds)
+
+
+_DURATION_BOUNDS = _bounds(CONNECTION_DURATION)
+_CONNECT_BOUNDS = _bounds(UPSTREAM_CONNECT_DURATION)
+_RESOLVER_BOUNDS = _bounds(RESOLVER_DURATION)
+
+
+# ---------------------------------------------------------------------------------------
 # Hot-path helpers. Caches are keyed by normalised values only.
 
 _opened: dict[tuple[str, str], tuple[Counter, Gauge]] = {}
@@ -444,8 +519,9 @@ def tunnel_opened(tier: str, mode: str) -> None:
             CONNECTIONS_ACCEPTED.labels(*key),
             CONNECTIONS_ACTIVE.labels(*key),
         )
-    children[0].inc()
-    children[1].inc()
+    pending = _pending
+    pending.add(children[0])
+    pending.add(children[1])
 
 
 def tunnel_closed(tier: str, mode: str, close_reason: str, duration_s: float) -> None:
@@ -458,8 +534,9 @@ def tunnel_closed(tier: str, mode: str, close_reason: str, duration_s: float) ->
             CONNECTIONS_ACTIVE.labels(t, m),
             CONNECTION_DURATION.labels(*key),
         )
-    children[0].dec()
-    children[1].observe(duration_s)
+    pending = _pending
+    pending.add(children[0], -1.0)
+    pending.observe(children[1], _DURATION_BOUNDS, duration_s)
 
 
 def decision(
@@ -477,7 +554,7 @@ def decision(
     child = _decisions.get(key)
     if child is None:
         child = _decisions[key] = DECISIONS_TOTAL.labels(*key)
-    child.inc()
+    _pending.add(child)
 
 
 def add_bytes(tier: str, from_client: int, to_client: int) -> None:
@@ -490,9 +567,9 @@ def add_bytes(tier: str, from_client: int, to_client: int) -> None:
             TUNNEL_BYTES.labels(t, "to_client"),
         )
     if from_client > 0:
-        children[0].inc(from_client)
+        _pending.add(children[0], from_client)
     if to_client > 0:
-        children[1].inc(to_client)
+        _pending.add(children[1], to_client)
 
 
 def timeout(tier: str, kind: str) -> None:
@@ -500,7 +577,7 @@ def timeout(tier: str, kind: str) -> None:
     child = _timeouts.get(key)
     if child is None:
         child = _timeouts[key] = TIMEOUTS.labels(*key)
-    child.inc()
+    _pending.add(child)
 
 
 def limit_rejected(tier: str, limit: str) -> None:
@@ -517,8 +594,9 @@ def resolver_lookup(result: str, seconds: float) -> None:
     child = _lookups.get(key)
     if child is None:
         child = _lookups[key] = RESOLVER_LOOKUPS.labels(key)
-    child.inc()
-    RESOLVER_DURATION.observe(seconds)
+    pending = _pending
+    pending.add(child)
+    pending.observe(RESOLVER_DURATION, _RESOLVER_BOUNDS, seconds)
 
 
 def address_denied(cls: str) -> None:
@@ -536,7 +614,7 @@ def upstream_connect(via: str, seconds: float) -> None:
     child = _connect.get(key)
     if child is None:
         child = _connect[key] = UPSTREAM_CONNECT_DURATION.labels(key)
-    child.observe(seconds)
+    _pending.observe(child, _CONNECT_BOUNDS, seconds)
 
 
 def upstream_error(via: str, error: str) -> None:

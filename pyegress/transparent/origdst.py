@@ -23,7 +23,7 @@ import errno
 import ipaddress
 import socket
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from pyegress.errors import LocalProtocolError
@@ -51,19 +51,17 @@ class OrigDst:
 
     address: Address
     port: int
+    host: str = field(init=False)  # the address as text (canonical), made once
 
-    @property
-    def host(self) -> str:
+    def __post_init__(self) -> None:
         from pyegress.policy.literals import canonical
 
-        return canonical(self.address)
+        object.__setattr__(self, "host", canonical(self.address))
 
     def __str__(self) -> str:
-        from pyegress.policy.literals import canonical
-
         if self.address.version == 6:
-            return f"[{canonical(self.address)}]:{self.port}"
-        return f"{self.address}:{self.port}"
+            return f"[{self.host}]:{self.port}"
+        return f"{self.host}:{self.port}"
 
 
 def unmapped(text: str) -> Address:
@@ -101,11 +99,13 @@ def original_dst(sock: Any, tproxy: bool = False) -> OrigDst:
     conntrack entry, or the original destination is this very listener (the connection
     was made to the listener itself, not redirected to it)."""
     local_text, local_port = sock.getsockname()[:2]
-    local = unmapped(str(local_text))
+    ipv4 = sock.family == socket.AF_INET
+    local = None if ipv4 and not tproxy else unmapped(str(local_text))
     if tproxy:
+        assert local is not None
         return OrigDst(local, int(local_port))
     try:
-        if local.version == 4:
+        if local is None or local.version == 4:
             raw = sock.getsockopt(SOL_IP, SO_ORIGINAL_DST, _SOCKADDR_IN)
             found = parse_sockaddr_in(raw)
         else:
@@ -117,7 +117,8 @@ def original_dst(sock: Any, tproxy: bool = False) -> OrigDst:
                 "no original destination (not a redirected connection: no NAT entry)"
             ) from None
         raise NotRedirected(f"SO_ORIGINAL_DST failed: {exc.strerror or exc}") from None
-    if found.address == local and found.port == int(local_port):
+    same = found.host == local_text if local is None else found.address == local
+    if same and found.port == int(local_port):
         raise NotRedirected(
             f"the original destination {found} is this listener itself (not redirected)"
         )
