@@ -228,8 +228,7 @@ class Service:
         t.decision = decision_fields("deny", "client_auth", None, version, t.error)
         metrics.tunnel_opened(tier, t.mode)
         self._log_decision(t)
-        close = t.close_record()
-        self.engine.output.record(close)
+        self.engine.output.line("close", t.close_line())
         metrics.tunnel_closed(tier, t.mode, "auth_failed", 0.0)
 
     @property
@@ -323,19 +322,16 @@ class Service:
                     # decision record, a refusal with the reason it ended.
                     t.decision = policy_fallback(t)
                 self._log_decision(t)
-            close = t.close_record()
-            engine.output.record(close)
+            engine.output.line("close", t.close_line())
             if t.reason in _EARLY_TIMEOUTS:
                 metrics.timeout(t.tier, _EARLY_TIMEOUTS[t.reason])
-            metrics.tunnel_closed(
-                t.tier, t.mode, close["result"]["close_reason"], close["duration_ms"] / 1000
-            )
+            metrics.tunnel_closed(t.tier, t.mode, t.close_reason, time.monotonic() - t.started)
             metrics.add_bytes(t.tier, *t.unmetered())
 
     def _log_decision(self, t: Tunnel) -> None:
         t.decision_logged = True
         decision = t.decision or {}
-        self.engine.output.record(t.decision_record())
+        self.engine.output.line("decision", t.decision_line())
         metrics.decision(
             t.tier,
             t.mode,

@@ -8,7 +8,8 @@ import threading
 import time
 from pathlib import Path
 
-from pyegress.observe.audit import LineSink, Output, RotatingFileSink, cap
+from pyegress.observe.audit import LineSink, Output, RotatingFileSink, cap, encode_json
+from pyegress.tunnel import Tunnel, decision_fields
 
 
 class _StuckSink:
@@ -52,7 +53,7 @@ def test_file_sink_rotates_by_size_and_keeps_backups(tmp_path: Path) -> None:
     lines = LineSink(RotatingFileSink(path, max_bytes=1000, backups=2))
     output = Output(lines)
     for i in range(100):
-        assert output.record({"event": "close", "n": i, "pad": "x" * 50})
+        assert output.line("close", encode_json({"event": "close", "n": i, "pad": "x" * 50}))
     output.close()
     files = sorted(p.name for p in tmp_path.iterdir())
     assert files == ["audit.jsonl", "audit.jsonl.1", "audit.jsonl.2"]
@@ -67,8 +68,8 @@ def test_records_are_ascii_json_with_control_characters_escaped(tmp_path: Path) 
     path = tmp_path / "a.jsonl"
     output = Output(LineSink(RotatingFileSink(path, 10**6, 1)))
     host = 'evil\r\n{"event":"decision"}\x00\u202e.test'
-    output.record({"event": "decision", "requested": {"host": cap(host, 253)}})
-    output.record({"event": "decision", "requested": {"host": cap("a" * 1000, 253)}})
+    output.line("decision", encode_json({"requested": {"host": cap(host, 253)}}))
+    output.line("decision", encode_json({"requested": {"host": cap("a" * 1000, 253)}}))
     output.close()
     raw = path.read_bytes()
     assert raw.isascii()
@@ -134,3 +135,41 @@ def test_a_batch_left_by_an_ended_loop_goes_out_first_and_none_is_lost() -> None
     lines.close()
     got = [json.loads(x)["n"] for text in sink.writes for x in text.splitlines()]
     assert got == list(range(6))
+
+
+def test_tunnel_record_lines_escape_what_a_client_controls() -> None:
+    """The decision and close lines are assembled as text: every string a client can
+    reach is escaped (ASCII, one line) and capped, and the line parses back whole."""
+    hostile = 'evil"}\r\n{"event":"decision"}\x00\u202e'
+    t = Tunnel(service='svc"', kind="redirect", client=("::1", 4321), tier="sidecar")
+    t.host, t.port, t.name_source = hostile + "x" * 300, 443, "sni"
+    t.identity, t.user, t.error = hostile, hostile, hostile * 100
+    t.orig_dst, t.http = "[::1]:443", {"host": hostile}
+    t.decision = decision_fields("deny", "not_in_allowlist", "r1", "v1", hostile)
+    t.status, t.reason, t.relay_kind, t.bytes_up = 403, "denied", "plain", 7
+    for line in (t.decision_line(), t.close_line()):
+        assert line.isascii()
+        assert "\n" not in line
+        assert "\r" not in line
+        record = json.loads(line)
+        assert record["schema"] == "pyegress.audit/v1"
+        assert record["service"] == 'svc"'
+        assert record["mode"] == "transparent"
+        assert record["client"] == {
+            "addr": "::1",
+            "port": 4321,
+            "identity": hostile,
+            "user": hostile,
+        }
+        assert record["requested"]["host"] == cap(hostile + "x" * 300, 253)
+        assert record["http"] == {"host": hostile}
+        assert record["decision"]["detail"] == hostile
+    close = json.loads(t.close_line())
+    assert close["result"] == {
+        "client_reply": 403,
+        "close_reason": "denied",
+        "error": cap(hostile * 100, 512),
+        "relay": "plain",
+    }
+    assert close["bytes"] == {"from_client": 7, "to_client": 0}
+    assert isinstance(close["duration_ms"], float)

@@ -276,7 +276,8 @@ def _encoder() -> Callable[[Any], str]:
     return encode
 
 
-_encode = _encoder()
+encode_json = _encoder()
+encode_string = json.encoder.encode_basestring_ascii  # a JSON string literal, ASCII
 
 
 class Output:
@@ -287,9 +288,9 @@ class Output:
         self.logs = logs
         self.audit = audit or logs
 
-    def record(self, record: dict[str, Any]) -> bool:
-        event = str(record.get("event", "audit"))
-        return self.audit.put(event, _encode(record))
+    def line(self, event: str, line: str) -> bool:
+        """An audit record already encoded (one JSON object, no newline)."""
+        return self.audit.put(event, line)
 
     def close(self) -> None:
         if self.audit is not self.logs:
