@@ -176,14 +176,17 @@ def _single(name: str, argv: Callable[[int], list[str]]) -> Callable[[Ctx], Plan
     return build
 
 
-def _squid_conf(ctx: Ctx, port: int) -> Path:
+def _squid_conf(ctx: Ctx, port: int, access_log: bool = False) -> Path:
+    """squid as a bare CONNECT proxy; with ``access_log``, writing its access log
+    itself (``stdio:``, one line per tunnel, no log daemon process)."""
     t = ctx.tmp
+    log = f"stdio:{t}/squid-access.log squid" if access_log else "none"
     return ctx.write(
         "squid.conf",
         f"""http_port {HOST}:{port}
 http_access allow all
 cache deny all
-access_log none
+access_log {log}
 cache_store_log none
 cache_log {t}/squid-cache.log
 pid_filename {t}/squid.pid
@@ -378,10 +381,11 @@ def _pyegress_redirect(ctx: Ctx, workers: int = 1) -> Plan:
     return Plan([Proc("pyegress", argv, port)], None, redirect_to=port)
 
 
-def _redsocks_squid(ctx: Ctx) -> Plan:
+def _redsocks_squid(ctx: Ctx, access_log: bool = False) -> Plan:
     """redsocks (type http-connect) in front of squid: the C way to do case B."""
     squid_port, port = ctx.port(), ctx.port()
-    squid = ["/usr/sbin/squid", "-N", "-f", str(_squid_conf(ctx, squid_port))]
+    conf = _squid_conf(ctx, squid_port, access_log)
+    squid = ["/usr/sbin/squid", "-N", "-f", str(conf)]
     conf = ctx.write(
         "redsocks.conf",
         f"""base {{
@@ -540,6 +544,13 @@ SUBJECTS: dict[str, Subject] = {
             _redsocks_squid,
             netns=True,
         ),
+        Subject(
+            "redsocks-squid-logged",
+            "none",
+            "the same with squid's access log on (a line per tunnel; pyegress writes two)",
+            lambda ctx: _redsocks_squid(ctx, access_log=True),
+            netns=True,
+        ),
     ]
 }
 
@@ -610,7 +621,12 @@ SETS: dict[str, SubjectSet] = {
         ),
         SubjectSet(
             "redirect",
-            ["pyegress-redirect", "pyegress-redirect-w2", "redsocks-squid"],
+            [
+                "pyegress-redirect",
+                "pyegress-redirect-w2",
+                "redsocks-squid",
+                "redsocks-squid-logged",
+            ],
             ["redsocks-squid"],
             "transparent: the load generator's connections to the origin are REDIRECTed",
         ),
