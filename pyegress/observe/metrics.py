@@ -27,9 +27,8 @@ caches are bounded by the same label budget as the series. The per-tunnel ones d
 touch the child either: they add to plain numbers (:class:`Pending`) that
 :func:`publish` moves into the children, in one locked add per series. The admin
 listener publishes before it renders (``render()`` does both), so a scrape sees every
-count made before it; a
-``--workers`` worker, scraped through its files, publishes every
-:data:`PUBLISH_PERIOD` seconds and when it stops.
+count made before it; a ``--workers`` worker, scraped through its files, publishes
+every :data:`PUBLISH_PERIOD` seconds and when it stops.
 """
 
 from __future__ import annotations
