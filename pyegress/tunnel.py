@@ -179,16 +179,16 @@ class Tunnel:
                 ',"start_ts":"',
                 iso_time(self.started),
                 '","result":{"client_reply":',
-                "null" if self.status is None else str(int(self.status)),
+                "null" if self.status is None else str(self.status),
                 ',"close_reason":',
                 _text(self.close_reason),
                 ',"error":',
                 _text(cap(self.error, DETAIL_CAP)),
                 relay,
                 '},"bytes":{"from_client":',
-                str(int(self.bytes_up)),
+                str(self.bytes_up),
                 ',"to_client":',
-                str(int(self.bytes_down)),
+                str(self.bytes_down),
                 '},"duration_ms":',
                 repr(self.duration_ms()),
                 "}",
@@ -211,7 +211,7 @@ _PREFIXES = {
 
 def _text(text: str | None) -> str:
     """A JSON string (ASCII, escaped), or ``null``."""
-    return "null" if text is None else encode_string(str(text))
+    return "null" if text is None else encode_string(text)
 
 
 # The tier, instance, service, mode and kind of a tunnel, as JSON members: the same

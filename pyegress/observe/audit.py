@@ -263,10 +263,9 @@ def _encoder() -> Callable[[Any], str]:
     """ASCII JSON without spaces, ``str()`` for other types: the C encoder made once
     (``JSONEncoder.encode`` builds one per call) and without the cycle check, as
     records are trees built afresh."""
-    plain = json.JSONEncoder(ensure_ascii=True, separators=(",", ":"), default=str)
     make = getattr(json.encoder, "c_make_encoder", None)
-    if make is None:
-        return plain.encode
+    if make is None:  # a Python without the _json accelerator
+        return json.JSONEncoder(ensure_ascii=True, separators=(",", ":"), default=str).encode
     ascii_text = json.encoder.encode_basestring_ascii
     chunks = make(None, str, ascii_text, None, ":", ",", False, False, True)
 

@@ -497,8 +497,6 @@ _RESOLVER_BOUNDS = _bounds(RESOLVER_DURATION)
 _opened: dict[tuple[str, str], tuple[Counter, Gauge]] = {}
 _closed: dict[tuple[str, str, str], tuple[Gauge, Histogram]] = {}
 _decisions: dict[tuple[str, str, str, str, str, str], Counter] = {}
-_decisions_given: dict[tuple[str, str, str, str, str | None, str | None], Counter] = {}
-_GIVEN_LIMIT = 4096
 _bytes: dict[str, tuple[Counter, Counter]] = {}
 _timeouts: dict[tuple[str, str], Counter] = {}
 _limits: dict[tuple[str, str], Counter] = {}
@@ -544,22 +542,17 @@ def decision(
     tier: str, mode: str, action: str, reason: str, rule: str | None, identity_class: str | None
 ) -> None:
     """Count one policy verdict (``action`` is allow, deny or report)."""
-    given = (tier, mode, action, reason, rule, identity_class)
-    child = _decisions_given.get(given)
+    key = (
+        enum_label(tier, TIERS),
+        enum_label(mode, MODES),
+        enum_label(action, DECISIONS),
+        enum_label(reason, REASONS),
+        RULE_LABEL(rule),
+        IDENTITY_CLASS_LABEL(identity_class),
+    )
+    child = _decisions.get(key)
     if child is None:
-        key = (
-            enum_label(tier, TIERS),
-            enum_label(mode, MODES),
-            enum_label(action, DECISIONS),
-            enum_label(reason, REASONS),
-            RULE_LABEL(rule),
-            IDENTITY_CLASS_LABEL(identity_class),
-        )
-        child = _decisions.get(key)
-        if child is None:
-            child = _decisions[key] = DECISIONS_TOTAL.labels(*key)
-        if len(_decisions_given) < _GIVEN_LIMIT:  # the values as given: bounded too
-            _decisions_given[given] = child
+        child = _decisions[key] = DECISIONS_TOTAL.labels(*key)
     _pending.add(child)
 
 

@@ -24,9 +24,11 @@ import ipaddress
 import socket
 import struct
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 from pyegress.errors import LocalProtocolError
+from pyegress.policy.literals import canonical
 
 SO_ORIGINAL_DST = 80
 IP6T_SO_ORIGINAL_DST = 80
@@ -45,45 +47,19 @@ class NotRedirected(LocalProtocolError):
     """The connection carries no original destination (it was not redirected)."""
 
 
+@dataclass(frozen=True, slots=True)
 class OrigDst:
-    """An original destination: the address (IPv4-mapped IPv6 unmapped) and port.
+    """An original destination: the address (IPv4-mapped IPv6 unmapped) and port."""
 
-    ``host`` is the address as text (canonical); the ``ipaddress`` object is made only
-    when asked for (most connections need just the text)."""
+    address: Address
+    port: int
+    host: str = field(init=False)  # the address as text (canonical), made once
 
-    __slots__ = ("_address", "host", "port")
-
-    def __init__(self, address: Address | None, port: int, host: str | None = None) -> None:
-        if address is None and host is None:
-            raise ValueError("an address or its text")
-        self._address = address
-        self.port = port
-        if host is None:
-            from pyegress.policy.literals import canonical
-
-            assert address is not None
-            host = canonical(address)
-        self.host = host
-
-    @property
-    def address(self) -> Address:
-        if self._address is None:
-            self._address = ipaddress.IPv4Address(self.host)
-        return self._address
-
-    def __eq__(self, other: object) -> bool:
-        if not isinstance(other, OrigDst):
-            return NotImplemented
-        return (self.host, self.port) == (other.host, other.port)
-
-    def __hash__(self) -> int:
-        return hash((self.host, self.port))
-
-    def __repr__(self) -> str:
-        return f"OrigDst({self})"
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "host", canonical(self.address))
 
     def __str__(self) -> str:
-        if ":" in self.host:
+        if self.address.version == 6:
             return f"[{self.host}]:{self.port}"
         return f"{self.host}:{self.port}"
 
@@ -101,7 +77,8 @@ def parse_sockaddr_in(raw: bytes) -> OrigDst:
     """A ``struct sockaddr_in`` as ``getsockopt(SOL_IP, SO_ORIGINAL_DST)`` returns it."""
     if len(raw) < 8:
         raise LocalProtocolError(f"sockaddr_in of {len(raw)} bytes")
-    return OrigDst(None, (raw[2] << 8) | raw[3], socket.inet_ntoa(raw[4:8]))
+    port = struct.unpack_from("!H", raw, 2)[0]
+    return OrigDst(ipaddress.IPv4Address(raw[4:8]), port)
 
 
 def parse_sockaddr_in6(raw: bytes) -> OrigDst:
@@ -121,24 +98,18 @@ def original_dst(sock: Any, tproxy: bool = False) -> OrigDst:
     uvloop's socket-alike). Raises :class:`NotRedirected` when there is none: no
     conntrack entry, or the original destination is this very listener (the connection
     was made to the listener itself, not redirected to it)."""
-    if not tproxy and sock.family == socket.AF_INET:
-        # IPv4: the local address is only needed to tell a connection made to the
-        # listener itself, whose original destination is the listener's own port.
-        found = _asked(sock, SOL_IP, SO_ORIGINAL_DST, _SOCKADDR_IN, parse_sockaddr_in)
-        local_text, local_port = sock.getsockname()[:2]
-        if found.port == int(local_port) and found.host == local_text:
-            raise _itself(found)
-        return found
     local_text, local_port = sock.getsockname()[:2]
-    local = unmapped(str(local_text))
     if tproxy:
-        return OrigDst(local, int(local_port))
-    if local.version == 4:
+        return OrigDst(unmapped(str(local_text)), int(local_port))
+    if sock.family == socket.AF_INET or unmapped(str(local_text)).version == 4:
         found = _asked(sock, SOL_IP, SO_ORIGINAL_DST, _SOCKADDR_IN, parse_sockaddr_in)
     else:
         found = _asked(sock, SOL_IPV6, IP6T_SO_ORIGINAL_DST, _SOCKADDR_IN6, parse_sockaddr_in6)
-    if found.address == local and found.port == int(local_port):
-        raise _itself(found)
+    # Only a connection made to the listener itself has the listener's own port.
+    if found.port == int(local_port) and found.address == unmapped(str(local_text)):
+        raise NotRedirected(
+            f"the original destination {found} is this listener itself (not redirected)"
+        )
     return found
 
 
@@ -154,12 +125,6 @@ def _asked(
             ) from None
         raise NotRedirected(f"SO_ORIGINAL_DST failed: {exc.strerror or exc}") from None
     return parse(raw)
-
-
-def _itself(found: OrigDst) -> NotRedirected:
-    return NotRedirected(
-        f"the original destination {found} is this listener itself (not redirected)"
-    )
 
 
 def transparent_socket(
