@@ -16,8 +16,8 @@ import signal
 import socket
 import ssl
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from contextlib import asynccontextmanager, suppress
+from collections.abc import Awaitable, Callable, Sequence
+from contextlib import suppress
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
@@ -93,6 +93,51 @@ def _handler_for(node: Node) -> Handler:
 
 
 _LISTENERS = {"tcp", "tls", "h2", "h2c", "http2", "redirect", "dns"}
+
+
+class TunnelScope:
+    """``with service.tunnel(client, kind) as t``: opens the tunnel's record; leaving
+    the block by any path (an error, a cancellation) notes why and writes the records.
+    A plain context manager: nothing here waits, so no coroutine is made per tunnel."""
+
+    __slots__ = ("_tunnel", "service")
+
+    def __init__(self, service: Service, client: Endpoint, kind: str) -> None:
+        self.service = service
+        engine = service.engine
+        t = self._tunnel = Tunnel(
+            service=service.name,
+            kind=kind,
+            client=client.peer_address,
+            identity=client.identity,
+            tier=engine.tier,
+            instance=engine.instance,
+            worker=engine.worker,
+        )
+        state = t.state = engine.state  # the tunnel keeps it across a reload
+        if state.policy is not None:
+            t.policy_version = state.policy.version
+
+    def __enter__(self) -> Tunnel:
+        t = self._tunnel
+        self.service.engine.tunnels.add(t)
+        metrics.tunnel_opened(t.tier, t.mode)
+        return t
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, _tb: Any
+    ) -> None:
+        t = self._tunnel
+        if exc is not None:
+            if isinstance(exc, PyegressError):
+                t.reason = t.reason or exc.close_reason
+                t.error = str(exc)
+            elif isinstance(exc, asyncio.CancelledError):
+                t.reason = t.reason or "drain"
+            elif isinstance(exc, Exception):
+                t.reason = "internal_error"
+                t.error = f"{type(exc).__name__}: {exc}"
+        self.service._closed(t)
 
 
 class Service:
@@ -270,7 +315,7 @@ class Service:
             async with asyncio.timeout(self.handshake_timeout):
                 first = await endpoint.read()
         except TimeoutError:
-            async with self.tunnel(endpoint, self.node.kind) as t:
+            with self.tunnel(endpoint, self.node.kind) as t:
                 t.reason = "handshake_timeout"
                 t.error = "no bytes from the client in time"
             return False
@@ -279,54 +324,29 @@ class Service:
 
     # -- what listeners call ----------------------------------------------------------
 
-    @asynccontextmanager
-    async def tunnel(self, client: Endpoint, kind: str) -> AsyncIterator[Tunnel]:
+    def tunnel(self, client: Endpoint, kind: str) -> TunnelScope:
         """A tunnel whose decision and close records are each written exactly once,
-        however the block ends."""
+        however the ``with`` block ends."""
+        return TunnelScope(self, client, kind)
+
+    def _closed(self, t: Tunnel) -> None:
+        """The end of a :class:`TunnelScope`: release, record, count."""
         engine = self.engine
-        t = Tunnel(
-            service=self.name,
-            kind=kind,
-            client=client.peer_address,
-            identity=client.identity,
-            tier=engine.tier,
-            instance=engine.instance,
-            worker=engine.worker,
-        )
-        state = t.state = engine.state  # the tunnel keeps it across a reload
-        if state.policy is not None:
-            t.policy_version = state.policy.version
-        engine.tunnels.add(t)
-        metrics.tunnel_opened(t.tier, t.mode)
-        try:
-            yield t
-        except PyegressError as exc:
-            t.reason = t.reason or exc.close_reason
-            t.error = str(exc)
-            raise
-        except asyncio.CancelledError:
-            t.reason = t.reason or "drain"
-            raise
-        except Exception as exc:
-            t.reason = "internal_error"
-            t.error = f"{type(exc).__name__}: {exc}"
-            raise
-        finally:
-            engine.tunnels.discard(t)
-            for slot in t.slots:
-                slot.release()
-            t.slots.clear()
-            if not t.decision_logged:
-                if t.decision is None:
-                    # Ended before any verdict (malformed, timed out, auth): still one
-                    # decision record, a refusal with the reason it ended.
-                    t.decision = policy_fallback(t)
-                self._log_decision(t)
-            engine.output.line("close", t.close_line())
-            if t.reason in _EARLY_TIMEOUTS:
-                metrics.timeout(t.tier, _EARLY_TIMEOUTS[t.reason])
-            metrics.tunnel_closed(t.tier, t.mode, t.close_reason, time.monotonic() - t.started)
-            metrics.add_bytes(t.tier, *t.unmetered())
+        engine.tunnels.discard(t)
+        for slot in t.slots:
+            slot.release()
+        t.slots.clear()
+        if not t.decision_logged:
+            if t.decision is None:
+                # Ended before any verdict (malformed, timed out, auth): still one
+                # decision record, a refusal with the reason it ended.
+                t.decision = policy_fallback(t)
+            self._log_decision(t)
+        engine.output.line("close", t.close_line())
+        if t.reason in _EARLY_TIMEOUTS:
+            metrics.timeout(t.tier, _EARLY_TIMEOUTS[t.reason])
+        metrics.tunnel_closed(t.tier, t.mode, t.close_reason, time.monotonic() - t.started)
+        metrics.add_bytes(t.tier, *t.unmetered())
 
     def _log_decision(self, t: Tunnel) -> None:
         t.decision_logged = True

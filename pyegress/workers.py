@@ -20,7 +20,10 @@ The parent
 
 * copies every worker's standard output to its own, whole lines only, under one lock
   shared with its own log writer: lines of different workers never interleave, whatever
-  their length (a write to a pipe is atomic only up to PIPE_BUF);
+  their length (a write to a pipe is atomic only up to PIPE_BUF). Where its standard
+  output is a regular file or ``/dev/null`` the workers inherit it instead and write
+  their batches of whole lines themselves, one ``write`` each (a regular file's writes
+  do not interleave), and nothing is copied;
 * forwards SIGTERM and SIGINT as SIGTERM (every worker drains; a second signal cuts the
   drain), and SIGHUP (every worker reloads its policy and TLS files on its own, atomically
   for itself). When the workers then report different policy versions (the file changed
@@ -61,6 +64,7 @@ from prometheus_client.metrics_core import Metric
 
 from pyegress.errors import ConfigError
 from pyegress.observe import metrics
+from pyegress.observe.audit import never_waits
 from pyegress.observe.log import Logger
 
 if TYPE_CHECKING:
@@ -221,6 +225,12 @@ class SharedStdout:
     def __init__(self, stream: TextIO) -> None:
         self._stream = stream
         self._lock = threading.Lock()
+        try:
+            fd = stream.fileno()
+        except (AttributeError, OSError, ValueError):
+            fd = -1
+        # A regular file or /dev/null: workers may write to it themselves.
+        self.inline = fd >= 0 and never_waits(fd)
 
     def write(self, text: str) -> int:
         with self._lock:
@@ -292,6 +302,8 @@ class Supervisor:
         self._reload_rounds = 0
         self._last_auto_reload = 0.0
         self._relays: list[threading.Thread] = []
+        # Workers write to our standard output themselves where that never waits.
+        self._inherit_stdout = stdout.inline
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -362,7 +374,7 @@ class Supervisor:
             popen = subprocess.Popen(
                 [sys.executable, "-m", "pyegress", *self.argv],
                 stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
+                stdout=None if self._inherit_stdout else subprocess.PIPE,
                 env=env,
                 pass_fds=(write_end,),
                 # Its own process group: a terminal's Ctrl-C reaches the parent only,
@@ -392,8 +404,16 @@ class Supervisor:
 
     def _relay(self, worker: _Worker, popen: subprocess.Popen[bytes]) -> None:
         """(thread) Copy the worker's output in whole lines; then reap it."""
-        assert popen.stdout is not None
-        fd = popen.stdout.fileno()
+        if popen.stdout is not None:
+            self._copy_lines(popen.stdout)
+        code = popen.wait()
+        loop = self._loop
+        if loop is not None:
+            with contextlib.suppress(RuntimeError):  # the loop is closed: we are done
+                loop.call_soon_threadsafe(self._exited, worker, popen, code)
+
+    def _copy_lines(self, stream: Any) -> None:
+        fd = stream.fileno()
         pending = b""
         while True:
             try:
@@ -413,12 +433,7 @@ class Supervisor:
                 time.sleep(RELAY_LINGER)
         if pending:
             self._emit(pending + b"\n")
-        popen.stdout.close()
-        code = popen.wait()
-        loop = self._loop
-        if loop is not None:
-            with contextlib.suppress(RuntimeError):  # the loop is closed: we are done
-                loop.call_soon_threadsafe(self._exited, worker, popen, code)
+        stream.close()
 
     def _emit(self, data: bytes) -> None:
         with contextlib.suppress(OSError, ValueError):  # our stdout is gone: keep reading

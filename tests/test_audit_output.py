@@ -15,6 +15,8 @@ from pyegress.tunnel import Tunnel, decision_fields
 class _StuckSink:
     """A sink whose writes block until released: a stalled stdout pipe."""
 
+    inline = False
+
     def __init__(self) -> None:
         self.release = threading.Event()
         self.text: list[str] = []
@@ -93,6 +95,8 @@ def test_every_reason_code_in_the_metrics_enums_is_documented() -> None:
 
 
 class _RecordingSink:
+    inline = False
+
     def __init__(self) -> None:
         self.writes: list[str] = []
 
@@ -173,3 +177,93 @@ def test_tunnel_record_lines_escape_what_a_client_controls() -> None:
     }
     assert close["bytes"] == {"from_client": 7, "to_client": 0}
     assert isinstance(close["duration_ms"], float)
+
+
+def test_only_writes_that_never_wait_for_a_reader_are_done_inline(tmp_path: Path) -> None:
+    import os
+    import socket
+
+    from pyegress.observe.audit import StreamSink, never_waits
+
+    with open(tmp_path / "f", "w") as regular, open(os.devnull, "w") as null:
+        assert never_waits(regular.fileno())
+        assert never_waits(null.fileno())
+        assert StreamSink(regular).inline
+    read_end, write_end = os.pipe()
+    left, right = socket.socketpair()
+    try:
+        assert not never_waits(write_end)
+        assert not never_waits(left.fileno())
+        with os.fdopen(os.dup(write_end), "w") as piped:
+            assert not StreamSink(piped).inline
+    finally:
+        for fd in (read_end, write_end):
+            os.close(fd)
+        left.close()
+        right.close()
+    assert not never_waits(10_000)  # not open at all
+
+
+class _InlineSink(_RecordingSink):
+    """A sink that never waits: the loop writes to it itself."""
+
+    inline = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.threads: list[int] = []
+
+    def write(self, text: str) -> None:
+        self.threads.append(threading.get_ident())
+        super().write(text)
+
+
+def test_an_inline_sink_is_written_by_the_loop_one_write_per_batch() -> None:
+    sink = _InlineSink()
+    written: list[tuple[str, int]] = []
+    lines = LineSink(sink, on_written=lambda event, count: written.append((event, count)))
+    assert lines.inline
+    writers = [t for t in threading.enumerate() if t.name == "pyegress-writer"]
+
+    async def tunnels() -> None:
+        for i in range(30):
+            assert lines.put("close", json.dumps({"n": i}))
+        assert sink.writes == []  # gathered for BATCH_DELAY first
+        await asyncio.sleep(0.2)
+
+    asyncio.run(tunnels())
+    assert len(sink.writes) == 1
+    assert [json.loads(x)["n"] for x in sink.writes[0].splitlines()] == list(range(30))
+    assert sink.threads == [threading.get_ident()]  # the loop's own thread wrote it
+    assert written == [("close", 30)]
+    lines.put("log", json.dumps({"n": 30}))  # no loop here: written at once
+    assert json.loads(sink.writes[-1]) == {"n": 30}
+    lines.close()
+    assert [t for t in threading.enumerate() if t.name == "pyegress-writer"] == writers
+
+
+def test_a_file_sink_writes_whole_lines_in_order_after_what_the_stream_held(
+    tmp_path: Path,
+) -> None:
+    """The loop writes a batch to the file's descriptor itself (one ``write`` of whole
+    lines: several --workers processes may append to one file), after flushing what
+    the stream had buffered."""
+    from pyegress.observe.audit import StreamSink
+
+    path = tmp_path / "out.jsonl"
+    with open(path, "w") as stream:
+        sink = StreamSink(stream)
+        lines = LineSink(sink)
+        assert lines.inline
+        stream.write("{}\n")  # something buffered in the stream goes out first
+
+        async def put() -> None:
+            for i in range(2000):
+                lines.put("close", json.dumps({"n": i, "pad": "x" * 100}))
+            await asyncio.sleep(0.1)
+
+        asyncio.run(put())
+        lines.close()
+    got = [json.loads(x) for x in path.read_text().splitlines()]
+    assert got[0] == {}
+    assert [r["n"] for r in got[1:]] == list(range(2000))

@@ -349,3 +349,57 @@ def test_a_worker_that_cannot_start_ends_the_supervisor(
     assert "cannot listen on" in out
     assert log_events(proc, "worker_failed")
     assert free_port()  # nothing left bound
+
+
+def test_workers_output_to_a_pipe_is_copied_in_whole_lines(
+    origin: TcpOrigin, tmp_path: Path
+) -> None:
+    """Standard output a pipe (as under a container runtime): the supervisor copies each
+    worker's lines; with a file the workers write it themselves (the other tests)."""
+    import subprocess
+    import sys
+
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pyegress", "-L", f"http://127.0.0.1:{port}", "--workers", "2"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), 0.5).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "no listener"
+                time.sleep(0.1)
+        time.sleep(0.5)  # both workers listening
+        tunnels(port, f"127.0.0.1:{origin.port}", 40)
+        time.sleep(0.5)  # the last batches written
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=30)
+    import json
+
+    records = [json.loads(line) for line in out.decode().splitlines()]  # every line whole
+    closes = [r for r in records if r.get("event") == "close" and "schema" in r]
+    assert len(closes) == 40
+    assert workers_of(closes) == {0, 1}
+    assert {r.get("event") for r in records} >= {"workers_starting", "listening", "stopped"}
+    assert proc.returncode == 0
+
+
+def test_workers_write_a_file_stdout_themselves(
+    judge: tuple[Pyegress, Path], origin: TcpOrigin
+) -> None:
+    """Standard output a regular file: each worker holds it (no copy through the
+    supervisor) and its lines land whole."""
+    proc, _ = judge
+    log_file = os.path.realpath(proc.log_path)
+    for pid in pids(proc).values():
+        assert os.readlink(f"/proc/{pid}/fd/1") == log_file
+    tunnels(proc.ports[0], f"127.0.0.1:{origin.port}", 20, proc)
+    assert workers_of(proc.matching(20, 10.0, "tunnel_closed")) == {0, 1}
+    assert_contract(proc)

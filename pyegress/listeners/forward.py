@@ -12,6 +12,6 @@ from pyegress.engine import Service
 
 async def serve(client: Endpoint, service: Service) -> None:
     host, port = service.next_forward_target()
-    async with service.tunnel(client, "tcp") as t:
+    with service.tunnel(client, "tcp") as t:
         upstream = await service.dial(t, host, port)
         await service.relay(t, client, upstream)

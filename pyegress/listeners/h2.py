@@ -111,7 +111,7 @@ class H2ServerLink(H2Link):
 
 async def _record_refusal(stream: H2Stream, service: Service, status: int) -> None:
     """A stream refused for its method or path is still a tunnel with one record."""
-    async with service.tunnel(stream, "h2") as t:
+    with service.tunnel(stream, "h2") as t:
         t.reason, t.status = "malformed", status
         method = header(stream.headers, ":method") or ""
         path = header(stream.headers, ":path") or ""
@@ -133,7 +133,7 @@ async def _serve_http2_safely(stream: H2Stream, link: H2ServerLink, service: Ser
 
 async def _serve_http2(stream: H2Stream, link: H2ServerLink, service: Service) -> None:
     """Standard HTTP/2 CONNECT proxy: dial ``:authority``, then answer."""
-    async with service.tunnel(stream, "http2") as t:
+    with service.tunnel(stream, "http2") as t:
         try:
             authority = header(stream.headers, ":authority") or ""
             if service.requires_auth:

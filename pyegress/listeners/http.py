@@ -100,7 +100,7 @@ async def _read_request(client: Endpoint, service: Service, first: bool) -> Requ
 
 async def _refuse(client: Endpoint, service: Service, exc: PyegressError) -> None:
     """Answer a request that never became a tunnel, and record it."""
-    async with service.tunnel(client, "http") as t:
+    with service.tunnel(client, "http") as t:
         t.reason, t.error = exc.close_reason, str(exc)
         t.status = _reply_error(client, service, exc)
 
@@ -133,7 +133,7 @@ async def handle_request(client: Endpoint, service: Service, box: list[RequestHe
     carry another."""
     head = box.pop()
     kind = "http-connect" if head.method == "CONNECT" else "http-forward"
-    async with service.tunnel(client, kind) as t:
+    with service.tunnel(client, kind) as t:
         conn_id = head.get(CONN_ID_HEADER)
         # Only a peer with a verified certificate (a sidecar on the tier link) may name
         # the conn_id; an application's header would let it forge audit joins.

@@ -153,7 +153,7 @@ async def sniff(client: Endpoint, timeout: float) -> Sniffed:
 
 
 async def serve(client: Endpoint, service: Service) -> None:
-    async with service.tunnel(client, "redirect") as t:
+    with service.tunnel(client, "redirect") as t:
         orig = _original(client, service)
         t.orig_dst = str(orig)
         host, source = orig.host, "orig_dst"
@@ -184,7 +184,11 @@ def _original(client: Endpoint, service: Service) -> OrigDst:
     sock = transport.get_extra_info("socket") if transport is not None else None
     if sock is None:
         raise NotRedirected("no socket to ask for the original destination")
-    return original_dst(sock, tproxy=service.node.flag("tproxy", False))
+    # The transport looked the local address up when the connection was made.
+    local = client.local_address
+    return original_dst(
+        sock, tproxy=service.node.flag("tproxy", False), local=local if local[1] else None
+    )
 
 
 def _note(t: Any, seen: Sniffed, expected: str | None) -> None:

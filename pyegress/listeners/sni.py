@@ -19,7 +19,7 @@ TLS_PORT = 443
 
 
 async def serve(client: Endpoint, service: Service) -> None:
-    async with service.tunnel(client, "tls-sni") as t:
+    with service.tunnel(client, "tls-sni") as t:
         buf = bytearray()
         try:
             async with asyncio.timeout_at(handshake_deadline(service.handshake_timeout)):

@@ -25,7 +25,7 @@ def _truncated(_: bytes) -> PyegressError:
 
 
 async def serve(client: Endpoint, service: Service) -> None:
-    async with service.tunnel(client, "socks4") as t:
+    with service.tunnel(client, "socks4") as t:
         try:
             async with asyncio.timeout_at(handshake_deadline(service.handshake_timeout)):
                 request = await read_message(client, socks4.parse_request, _truncated)

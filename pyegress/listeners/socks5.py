@@ -28,7 +28,7 @@ def _truncated(_: bytes) -> PyegressError:
 
 
 async def serve(client: Endpoint, service: Service) -> None:
-    async with service.tunnel(client, "socks5") as t:
+    with service.tunnel(client, "socks5") as t:
         try:
             async with asyncio.timeout_at(handshake_deadline(service.handshake_timeout)):
                 request = await _handshake(client, service, t)

@@ -1,11 +1,14 @@
 """The output path for audit records and log lines: bounded, non-blocking, counted.
 
-Everything this process writes as JSON lines goes through one :class:`LineSink`: the
-event loop only appends a finished line to a bounded queue; a writer thread does the
-blocking writes. When the queue is full the line is dropped and counted (per event), and
-the count is reported in an ``audit_dropped`` line once the sink has room again, so a
-slow disk or a stalled stdout pipe never stops a tunnel and never loses a record
-silently.
+Everything this process writes as JSON lines goes through one :class:`LineSink`. Lines
+put on an event loop gather there for :data:`BATCH_DELAY` seconds and are written as one
+text. Where a write can wait (a pipe, a terminal, a socket) a writer thread does it, the
+loop only hands the batch over; when lines are queued past the capacity they are dropped
+and counted (per event), and the count is reported in an ``audit_dropped`` line once the
+sink has room again, so a stalled stdout pipe never stops a tunnel and never loses a
+record silently. Where a write cannot wait for a reader (a regular file, whose writes go
+to the page cache, or ``/dev/null``) the loop writes the batch itself: no thread, no
+hand-off, one system call per batch.
 
 Sinks: a text stream (stdout) and a file rotated by size (``path``, ``path.1`` … ).
 """
@@ -15,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import stat
 import sys
 import threading
 import time
@@ -66,18 +70,48 @@ def cap(text: str | None, limit: int) -> str | None:
 
 
 class Sink(Protocol):
+    # True when a write never waits for a reader (see :func:`never_waits`): the event
+    # loop may write to it itself.
+    inline: bool
+
     def write(self, text: str) -> None: ...
 
     def close(self) -> None: ...
 
 
+def never_waits(fd: int) -> bool:
+    """Whether writes to ``fd`` go to a regular file or ``/dev/null``: they never wait
+    for a reader, unlike a pipe's, a terminal's or a socket's."""
+    try:
+        mode = os.fstat(fd)
+        if stat.S_ISREG(mode.st_mode):
+            return True
+        return stat.S_ISCHR(mode.st_mode) and mode.st_rdev == os.stat(os.devnull).st_rdev
+    except OSError:
+        return False
+
+
 class StreamSink:
     def __init__(self, stream: TextIO) -> None:
         self._stream = stream
+        try:
+            fd = stream.fileno()
+        except (AttributeError, OSError, ValueError):  # no descriptor (StringIO, a wrapper)
+            fd = -1
+        self._fd = fd
+        self.inline = fd >= 0 and never_waits(fd)
 
     def write(self, text: str) -> None:
-        self._stream.write(text)
+        if not self.inline:
+            self._stream.write(text)
+            self._stream.flush()
+            return
+        # One write(2) per batch of whole lines: other processes may append to the
+        # same file (--workers), and a regular file's writes do not interleave.
         self._stream.flush()
+        data = memoryview(text.encode("utf-8", "replace"))
+        while data:
+            data = data[os.write(self._fd, data) :]
 
     def close(self) -> None:
         self._stream.flush()
@@ -93,6 +127,7 @@ class RotatingFileSink:
         self.backups = max(0, backups)
         self._file = open(self.path, "a", encoding="ascii")  # noqa: SIM115 - closed in close()
         self._size = self._file.tell()
+        self.inline = never_waits(self._file.fileno())
 
     def write(self, text: str) -> None:
         if self._size + len(text) <= self.max_bytes:  # ASCII: characters are bytes
@@ -139,12 +174,13 @@ def _ignore(_event: str) -> None:
 
 
 class LineSink:
-    """A bounded queue of finished lines, written by one writer thread.
+    """A bounded queue of finished lines (see the module text).
 
     Lines put from a thread running an event loop gather there for
-    :data:`BATCH_DELAY` seconds and go to the writer as one text: the writer wakes
-    once per batch, and only to write it (every wake-up is a GIL hand-off the event
-    loop pays for). Lines put from anywhere else go to the writer at once."""
+    :data:`BATCH_DELAY` seconds and are written as one text: by the loop itself when
+    the sink is ``inline``, else by the writer thread, which wakes once per batch and
+    only to write it (every wake-up is a GIL hand-off the event loop pays for). Lines
+    put from anywhere else are written at once (inline) or go to the writer at once."""
 
     def __init__(
         self,
@@ -155,12 +191,14 @@ class LineSink:
     ) -> None:
         self._sink = sink
         self._capacity = capacity
+        self._inline = sink.inline
         self._pending: list[tuple[str, str]] = []  # the loop thread's batch
         self._batch_loop: asyncio.AbstractEventLoop | None = None  # gathers _pending
         self._batcher = 0  # the ident of its thread
         self._batches: deque[tuple[str, dict[str, int], int]] = deque()
         self._queued = 0  # lines handed to the writer and not yet written
         self._count_lock = threading.Lock()
+        self._write_lock = threading.Lock()  # inline: writes from several threads
         self._wake = threading.Event()
         self._closing = False
         self._dropped: dict[str, int] = {}
@@ -168,12 +206,19 @@ class LineSink:
         self._reported_drops = 0
         self.on_written = on_written
         self.on_dropped = on_dropped
-        self._thread = threading.Thread(target=self._run, name="pyegress-writer", daemon=True)
-        self._thread.start()
+        self._thread: threading.Thread | None = None
+        if not self._inline:
+            self._thread = threading.Thread(target=self._run, name="pyegress-writer", daemon=True)
+            self._thread.start()
 
     @property
     def dropped(self) -> int:
         return self._dropped_total
+
+    @property
+    def inline(self) -> bool:
+        """Whether batches are written by the thread that gathered them (no writer thread)."""
+        return self._inline
 
     def put(self, event: str, line: str) -> bool:
         """Queue one line (no trailing newline); False when it was dropped."""
@@ -211,6 +256,10 @@ class LineSink:
         for event, _ in lines:
             events[event] = events.get(event, 0) + 1
         text = "\n".join([line for _, line in lines]) + "\n"
+        if self._inline:
+            with self._write_lock:
+                self._write_batch(text, events)
+            return
         with self._count_lock:
             self._queued += len(lines)
         self._batches.append((text, events, len(lines)))
@@ -222,16 +271,19 @@ class LineSink:
             self._wake.clear()
             while self._batches:
                 text, events, count = self._batches.popleft()
-                if self._dropped_total != self._reported_drops:
-                    self._reported_drops = self._dropped_total
-                    text += self._drop_line() + "\n"
-                self._emit(text)
+                self._write_batch(text, events)
                 with self._count_lock:
                     self._queued -= count
-                for event, written in events.items():
-                    self.on_written(event, written)
             if self._closing and not self._batches:
                 return
+
+    def _write_batch(self, text: str, events: dict[str, int]) -> None:
+        if self._dropped_total != self._reported_drops:
+            self._reported_drops = self._dropped_total
+            text += self._drop_line() + "\n"
+        self._emit(text)
+        for event, written in events.items():
+            self.on_written(event, written)
 
     def _drop_line(self) -> str:
         return json.dumps(
@@ -254,8 +306,9 @@ class LineSink:
         """Write what is queued (up to ``timeout``), then stop the thread."""
         self._flush()
         self._closing = True
-        self._wake.set()
-        self._thread.join(timeout)
+        if self._thread is not None:
+            self._wake.set()
+            self._thread.join(timeout)
         self._sink.close()
 
 

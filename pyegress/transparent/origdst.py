@@ -93,12 +93,13 @@ def parse_sockaddr_in6(raw: bytes) -> OrigDst:
     return OrigDst(address, port)
 
 
-def original_dst(sock: Any, tproxy: bool = False) -> OrigDst:
+def original_dst(sock: Any, tproxy: bool = False, local: tuple[str, int] | None = None) -> OrigDst:
     """The original destination of an accepted connection ``sock`` (a socket, or
-    uvloop's socket-alike). Raises :class:`NotRedirected` when there is none: no
-    conntrack entry, or the original destination is this very listener (the connection
-    was made to the listener itself, not redirected to it)."""
-    local_text, local_port = sock.getsockname()[:2]
+    uvloop's socket-alike) whose local address is ``local`` (asked of ``sock`` when not
+    given). Raises :class:`NotRedirected` when there is none: no conntrack entry, or
+    the original destination is this very listener (the connection was made to the
+    listener itself, not redirected to it)."""
+    local_text, local_port = local if local is not None else sock.getsockname()[:2]
     if tproxy:
         return OrigDst(unmapped(str(local_text)), int(local_port))
     if sock.family == socket.AF_INET or unmapped(str(local_text)).version == 4:
