@@ -58,13 +58,13 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TextIO
+from typing import IO, TYPE_CHECKING, Any, TextIO
 
 from prometheus_client.metrics_core import Metric
 
 from pyegress.errors import ConfigError
 from pyegress.observe import metrics
-from pyegress.observe.audit import never_waits
+from pyegress.observe.audit import never_waits, stream_fd
 from pyegress.observe.log import Logger
 
 if TYPE_CHECKING:
@@ -225,11 +225,8 @@ class SharedStdout:
     def __init__(self, stream: TextIO) -> None:
         self._stream = stream
         self._lock = threading.Lock()
-        try:
-            fd = stream.fileno()
-        except (AttributeError, OSError, ValueError):
-            fd = -1
         # A regular file or /dev/null: workers may write to it themselves.
+        fd = stream_fd(stream)
         self.inline = fd >= 0 and never_waits(fd)
 
     def write(self, text: str) -> int:
@@ -403,7 +400,8 @@ class Supervisor:
         self.log.info("worker_started", worker=worker.index, pid=popen.pid)
 
     def _relay(self, worker: _Worker, popen: subprocess.Popen[bytes]) -> None:
-        """(thread) Copy the worker's output in whole lines; then reap it."""
+        """(thread) Copy the worker's output in whole lines (when it is piped to us);
+        then reap it."""
         if popen.stdout is not None:
             self._copy_lines(popen.stdout)
         code = popen.wait()
@@ -412,7 +410,7 @@ class Supervisor:
             with contextlib.suppress(RuntimeError):  # the loop is closed: we are done
                 loop.call_soon_threadsafe(self._exited, worker, popen, code)
 
-    def _copy_lines(self, stream: Any) -> None:
+    def _copy_lines(self, stream: IO[bytes]) -> None:
         fd = stream.fileno()
         pending = b""
         while True:

@@ -91,15 +91,19 @@ def never_waits(fd: int) -> bool:
         return False
 
 
+def stream_fd(stream: Any) -> int:
+    """The descriptor under a text stream, or -1 (a ``StringIO``, a wrapper)."""
+    try:
+        return int(stream.fileno())
+    except (AttributeError, OSError, ValueError):
+        return -1
+
+
 class StreamSink:
     def __init__(self, stream: TextIO) -> None:
         self._stream = stream
-        try:
-            fd = stream.fileno()
-        except (AttributeError, OSError, ValueError):  # no descriptor (StringIO, a wrapper)
-            fd = -1
-        self._fd = fd
-        self.inline = fd >= 0 and never_waits(fd)
+        self._fd = stream_fd(stream)
+        self.inline = self._fd >= 0 and never_waits(self._fd)
 
     def write(self, text: str) -> None:
         if not self.inline:
