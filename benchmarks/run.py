@@ -368,16 +368,20 @@ def _as_user(uid: int, argv: list[str]) -> list[str]:
     return ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", *argv]
 
 
-def _pyegress_redirect(ctx: Ctx, workers: int = 1) -> Plan:
+def _pyegress_redirect(ctx: Ctx, workers: int = 1, piped: bool = False) -> Plan:
     """The redirect listener dialing the original destination itself, as its own user
     (the nat rules let that user's connections through, as the installer's do).
     With workers: SO_REUSEPORT worker processes (the user must be able to run the
-    venv's python: a python under a private home directory cannot be)."""
+    venv's python: a python under a private home directory cannot be). Piped: its
+    standard output is a pipe read by ``cat`` (as a container runtime reads it), not the
+    log file itself."""
     port = ctx.port()
     args = ["-m", "pyegress", "-L", f"redirect://{HOST}:{port}"]
     if workers > 1:
         args += ["--workers", str(workers)]
     argv = _as_user(REDIRECT_UID, _py(*args))
+    if piped:
+        argv = ["sh", "-c", '"$@" | cat', "sh", *argv]
     return Plan([Proc("pyegress", argv, port)], None, redirect_to=port)
 
 
@@ -538,6 +542,13 @@ SUBJECTS: dict[str, Subject] = {
             netns=True,
         ),
         Subject(
+            "pyegress-redirect-w2-piped",
+            "none",
+            "the same with its stdout a pipe (read by cat), as under a container runtime",
+            lambda ctx: _pyegress_redirect(ctx, workers=2, piped=True),
+            netns=True,
+        ),
+        Subject(
             "redsocks-squid",
             "none",
             "redsocks (http-connect) -> squid, the C way without a mesh",
@@ -624,6 +635,7 @@ SETS: dict[str, SubjectSet] = {
             [
                 "pyegress-redirect",
                 "pyegress-redirect-w2",
+                "pyegress-redirect-w2-piped",
                 "redsocks-squid",
                 "redsocks-squid-logged",
             ],
