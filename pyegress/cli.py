@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import sys
@@ -189,6 +190,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 audit_max_bytes=args.audit_max_bytes,
                 audit_backups=args.audit_backups,
                 fields={"worker": worker[0]} if worker is not None else None,
+                stdout_lock=os.environ.get(workers.STDOUT_LOCK_ENV) if worker else None,
             )
         except OSError as exc:
             raise ConfigError(f"--audit-file {audit_file}: {exc.strerror or exc}") from None
@@ -230,10 +232,13 @@ def _supervise(
     policy: Any,
 ) -> int:
     """``--workers N`` (N > 1): this process supervises N workers (pyegress/workers.py)."""
-    from pyegress.workers import SharedStdout, supervise
+    from pyegress.workers import stdout_lock, supervise
 
-    stdout = SharedStdout(sys.stdout)
-    logmod.configure(debug=debug, stream=stdout)  # type: ignore[arg-type]
+    try:
+        lock = stdout_lock()
+    except OSError as exc:
+        raise ConfigError(f"--workers: cannot make the stdout lock file: {exc}") from None
+    logmod.configure(debug=debug, stdout_lock=lock)
     log = logmod.get_logger()
     try:
         _warn_params(listen, forward, log)
@@ -245,12 +250,15 @@ def _supervise(
             argv,
             count,
             log,
-            stdout,
+            stdout_lock=lock,
             metrics_address=args.metrics,
             drain_timeout=args.drain_timeout,
         )
     finally:
         logmod.close()
+        if lock is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(lock)
 
 
 if __name__ == "__main__":  # pragma: no cover

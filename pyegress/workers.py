@@ -18,12 +18,13 @@ environment:
 
 The parent
 
-* copies every worker's standard output to its own, whole lines only, under one lock
-  shared with its own log writer: lines of different workers never interleave, whatever
-  their length (a write to a pipe is atomic only up to PIPE_BUF). Where its standard
-  output is a regular file or ``/dev/null`` the workers inherit it instead and write
-  their batches of whole lines themselves, one ``write`` each (a regular file's writes
-  do not interleave), and nothing is copied;
+* hands its standard output to every worker, which writes its batches of whole lines
+  there itself, one ``write`` each; nothing is copied through the parent. Writes to a
+  regular file (or ``/dev/null``) do not interleave. Writes to a pipe or a terminal
+  may, past PIPE_BUF bytes, so there every writer, the parent's log writer included,
+  holds an ``flock`` on one lock file while it writes (``PYEGRESS_STDOUT_LOCK``, made
+  by the parent, removed when it exits): lines of different workers never interleave,
+  whatever their length;
 * forwards SIGTERM and SIGINT as SIGTERM (every worker drains; a second signal cuts the
   drain), and SIGHUP (every worker reloads its policy and TLS files on its own, atomically
   for itself). When the workers then report different policy versions (the file changed
@@ -58,7 +59,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any, TextIO
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client.metrics_core import Metric
 
@@ -72,6 +73,7 @@ if TYPE_CHECKING:
 
 WORKER_ENV = "PYEGRESS_WORKER"
 STATUS_FD_ENV = "PYEGRESS_STATUS_FD"
+STDOUT_LOCK_ENV = "PYEGRESS_STDOUT_LOCK"
 PARENT_ENV = "PYEGRESS_PARENT"
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
@@ -81,12 +83,6 @@ STABLE_SECONDS = 10.0  # a worker that ran this long resets its backoff
 KILL_GRACE = 15.0  # beyond the drain deadline before remaining workers are killed
 STATUS_POLL = 0.5  # how often a worker re-checks readiness (a sidecar's tier link)
 RELOAD_WAIT = 10.0  # how long the parent waits for every worker's reload report
-RELAY_CHUNK = 256 * 1024
-# After a short read the relay waits this long before reading again, so one read and one
-# write carry many lines: at thousands of records a second, a read and a write per line
-# would cost the parent a tenth of a core.
-RELAY_LINGER = 0.005
-MAX_PENDING = 1024 * 1024  # a "line" longer than this is passed on as it is
 
 
 def parse_workers(text: str) -> int:
@@ -218,36 +214,15 @@ async def serve_worker(engine: Engine) -> None:
 # -- the parent's side ------------------------------------------------------------------
 
 
-class SharedStdout:
-    """The parent's standard output, written by its own log writer thread and by one
-    relay thread per worker: one lock, and every write is of whole lines."""
-
-    def __init__(self, stream: TextIO) -> None:
-        self._stream = stream
-        self._lock = threading.Lock()
-        # A regular file or /dev/null: workers may write to it themselves.
-        fd = stream_fd(stream)
-        self.inline = fd >= 0 and never_waits(fd)
-
-    def write(self, text: str) -> int:
-        with self._lock:
-            self._stream.write(text)
-            self._stream.flush()
-        return len(text)
-
-    def flush(self) -> None:
-        with self._lock:
-            self._stream.flush()
-
-    def write_bytes(self, data: bytes) -> None:
-        buffer = getattr(self._stream, "buffer", None)
-        with self._lock:
-            if buffer is None:
-                self._stream.write(data.decode("utf-8", "replace"))
-                self._stream.flush()
-            else:
-                buffer.write(data)
-                buffer.flush()
+def stdout_lock() -> str | None:
+    """A new lock file for the workers' shared standard output, when that is a pipe, a
+    terminal or a socket (see the module text); None for a regular file or /dev/null."""
+    fd = stream_fd(sys.stdout)
+    if fd < 0 or never_waits(fd):
+        return None
+    handle, path = tempfile.mkstemp(prefix="pyegress-stdout-", suffix=".lock")
+    os.close(handle)
+    return path
 
 
 @dataclass(eq=False)
@@ -273,15 +248,15 @@ class Supervisor:
         argv: Sequence[str],
         count: int,
         log: Logger,
-        stdout: SharedStdout,
         *,
+        stdout_lock: str | None = None,
         metrics_address: str | None = None,
         drain_timeout: float = 30.0,
     ) -> None:
         self.argv = list(argv)
         self.count = count
         self.log = log
-        self.stdout = stdout
+        self.stdout_lock = stdout_lock
         self.metrics_address = metrics_address
         self.drain_timeout = drain_timeout
         self.workers = [_Worker(i) for i in range(count)]
@@ -298,9 +273,7 @@ class Supervisor:
         self._reload_timer: asyncio.TimerHandle | None = None
         self._reload_rounds = 0
         self._last_auto_reload = 0.0
-        self._relays: list[threading.Thread] = []
-        # Workers write to our standard output themselves where that never waits.
-        self._inherit_stdout = stdout.inline
+        self._reapers: list[threading.Thread] = []
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -339,8 +312,8 @@ class Supervisor:
                     worker.restart.cancel()
             if admin is not None:
                 admin.close()
-            for thread in self._relays:
-                thread.join(5.0)  # the last lines of every worker are out
+            for thread in self._reapers:
+                thread.join(5.0)  # every worker is reaped
             if self._own_dir:
                 shutil.rmtree(self.metrics_dir, ignore_errors=True)
         self.log.info("stopped", exit_code=self.exit_code)
@@ -367,11 +340,12 @@ class Supervisor:
             PARENT_ENV: str(os.getpid()),
             MULTIPROC_ENV: self.metrics_dir,
         }
+        if self.stdout_lock is not None:
+            env[STDOUT_LOCK_ENV] = self.stdout_lock
         try:
             popen = subprocess.Popen(
                 [sys.executable, "-m", "pyegress", *self.argv],
                 stdin=subprocess.DEVNULL,
-                stdout=None if self._inherit_stdout else subprocess.PIPE,
                 env=env,
                 pass_fds=(write_end,),
                 # Its own process group: a terminal's Ctrl-C reaches the parent only,
@@ -391,51 +365,21 @@ class Supervisor:
         assert self._loop is not None
         os.set_blocking(read_end, False)
         self._loop.add_reader(read_end, self._status_readable, worker, popen, read_end, [b""])
-        relay = threading.Thread(
-            target=self._relay, args=(worker, popen), name=f"pyegress-relay-{worker.index}"
+        reaper = threading.Thread(
+            target=self._reap, args=(worker, popen), name=f"pyegress-reaper-{worker.index}"
         )
-        relay.daemon = True
-        relay.start()
-        self._relays = [t for t in self._relays if t.is_alive()] + [relay]
+        reaper.daemon = True
+        reaper.start()
+        self._reapers = [t for t in self._reapers if t.is_alive()] + [reaper]
         self.log.info("worker_started", worker=worker.index, pid=popen.pid)
 
-    def _relay(self, worker: _Worker, popen: subprocess.Popen[bytes]) -> None:
-        """(thread) Copy the worker's output in whole lines (when it is piped to us);
-        then reap it."""
-        if popen.stdout is not None:
-            self._copy_lines(popen.stdout)
+    def _reap(self, worker: _Worker, popen: subprocess.Popen[bytes]) -> None:
+        """(thread) Wait for the worker to exit; tell the loop."""
         code = popen.wait()
         loop = self._loop
         if loop is not None:
             with contextlib.suppress(RuntimeError):  # the loop is closed: we are done
                 loop.call_soon_threadsafe(self._exited, worker, popen, code)
-
-    def _copy_lines(self, stream: IO[bytes]) -> None:
-        fd = stream.fileno()
-        pending = b""
-        while True:
-            try:
-                chunk = os.read(fd, RELAY_CHUNK)
-            except OSError:
-                break
-            if not chunk:
-                break
-            data = pending + chunk
-            cut = data.rfind(b"\n") + 1
-            if cut == 0 and len(data) > MAX_PENDING:
-                data, cut = data + b"\n", len(data) + 1
-            pending = data[cut:]
-            if cut:
-                self._emit(data[:cut])
-            if len(chunk) < RELAY_CHUNK:
-                time.sleep(RELAY_LINGER)
-        if pending:
-            self._emit(pending + b"\n")
-        stream.close()
-
-    def _emit(self, data: bytes) -> None:
-        with contextlib.suppress(OSError, ValueError):  # our stdout is gone: keep reading
-            self.stdout.write_bytes(data)
 
     def _status_readable(
         self, worker: _Worker, popen: subprocess.Popen[bytes], fd: int, buffer: list[bytes]
@@ -676,8 +620,8 @@ def supervise(
     argv: Sequence[str],
     count: int,
     log: Logger,
-    stdout: SharedStdout,
     *,
+    stdout_lock: str | None,
     metrics_address: str | None,
     drain_timeout: float,
 ) -> int:
@@ -686,7 +630,7 @@ def supervise(
         argv,
         count,
         log,
-        stdout,
+        stdout_lock=stdout_lock,
         metrics_address=metrics_address,
         drain_timeout=drain_timeout,
     )

@@ -267,3 +267,50 @@ def test_a_file_sink_writes_whole_lines_in_order_after_what_the_stream_held(
     got = [json.loads(x) for x in path.read_text().splitlines()]
     assert got[0] == {}
     assert [r["n"] for r in got[1:]] == list(range(2000))
+
+
+def _pipe_writers(tmp_path: Path, lock: bool) -> list[bytes]:
+    """Two writers of one pipe (one shared open description, as inherited), each writing
+    50 KiB batches of whole lines while the reader is slow: what the reader gets."""
+    import os
+
+    from pyegress.observe.audit import StreamSink
+
+    lock_path = tmp_path / "stdout.lock"
+    lock_path.touch()
+    read_end, write_end = os.pipe()
+    streams = [os.fdopen(os.dup(write_end), "w") for _ in range(2)]
+    sinks = [StreamSink(stream, str(lock_path) if lock else None) for stream in streams]
+    os.close(write_end)
+    got: list[bytes] = []
+
+    def read() -> None:
+        with os.fdopen(read_end, "rb") as pipe:
+            while chunk := pipe.read1(4096):
+                got.append(chunk)
+                time.sleep(0.0005)  # a slow reader: the pipe fills, writers wait in write
+
+    def write(sink: StreamSink, mark: str) -> None:
+        for _ in range(10):
+            sink.write((mark * 99 + "\n") * 512)  # 50 KiB, more than PIPE_BUF
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    writers = [threading.Thread(target=write, args=(sinks[i], "AB"[i])) for i in range(2)]
+    for w in writers:
+        w.start()
+    for w in writers:
+        w.join(30)
+    for sink, stream in zip(sinks, streams, strict=True):
+        sink.close()
+        stream.close()
+    reader.join(30)
+    return b"".join(got).splitlines()
+
+
+def test_writers_of_one_pipe_take_turns_under_the_stdout_lock(tmp_path: Path) -> None:
+    """--workers with stdout a pipe: batches longer than PIPE_BUF from several processes
+    would interleave once the pipe is full; under the lock file each lands whole."""
+    lines = _pipe_writers(tmp_path, lock=True)
+    assert len(lines) == 2 * 10 * 512
+    assert set(lines) == {b"A" * 99, b"B" * 99}  # without the lock: mixed lines

@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -351,13 +352,16 @@ def test_a_worker_that_cannot_start_ends_the_supervisor(
     assert free_port()  # nothing left bound
 
 
-def test_workers_output_to_a_pipe_is_copied_in_whole_lines(
+def test_workers_write_a_piped_stdout_themselves_under_one_lock(
     origin: TcpOrigin, tmp_path: Path
 ) -> None:
-    """Standard output a pipe (as under a container runtime): the supervisor copies each
-    worker's lines; with a file the workers write it themselves (the other tests)."""
+    """Standard output a pipe (as under a container runtime): every worker writes to the
+    same pipe itself, nothing is copied through the supervisor, and batches far over
+    PIPE_BUF from both workers at once still arrive as whole lines."""
+    import json
     import subprocess
     import sys
+    from concurrent.futures import ThreadPoolExecutor
 
     port = free_port()
     proc = subprocess.Popen(
@@ -366,29 +370,60 @@ def test_workers_output_to_a_pipe_is_copied_in_whole_lines(
         stderr=subprocess.STDOUT,
         stdin=subprocess.DEVNULL,
     )
+    assert proc.stdout is not None
+    lines: list[bytes] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stdout or []), daemon=True)
+    reader.start()
     try:
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), 0.5).close()
-                break
-            except OSError:
-                assert time.monotonic() < deadline, "no listener"
-                time.sleep(0.1)
+        wait_for(lambda: len(_started_pids(lines)) == 2, 20.0, "two workers started")
+        wait_for(lambda: _listening(port), 20.0, "the listener")
         time.sleep(0.5)  # both workers listening
-        tunnels(port, f"127.0.0.1:{origin.port}", 40)
+        worker_pids = _started_pids(lines)
+        pipe = os.readlink(f"/proc/{proc.pid}/fd/1")
+        assert pipe.startswith("pipe:")
+        for pid in worker_pids:
+            assert os.readlink(f"/proc/{pid}/fd/1") == pipe  # the same pipe, not a copy
+        lock = _environ(worker_pids[0])["PYEGRESS_STDOUT_LOCK"]
+        assert os.path.exists(lock)
+        target = f"127.0.0.1:{origin.port}"
+        with ThreadPoolExecutor(16) as pool:  # many records per 5 ms batch, both workers
+            list(pool.map(lambda _: finish(echo_tunnel(port, target)), range(400)))
         time.sleep(0.5)  # the last batches written
     finally:
         proc.send_signal(signal.SIGTERM)
-        out, _ = proc.communicate(timeout=30)
-    import json
-
-    records = [json.loads(line) for line in out.decode().splitlines()]  # every line whole
+        proc.wait(30)
+        reader.join(10)
+        proc.stdout.close()
+    records = [json.loads(line) for line in lines]  # every line whole
     closes = [r for r in records if r.get("event") == "close" and "schema" in r]
-    assert len(closes) == 40
+    assert len(closes) == 400
     assert workers_of(closes) == {0, 1}
     assert {r.get("event") for r in records} >= {"workers_starting", "listening", "stopped"}
     assert proc.returncode == 0
+    assert not os.path.exists(lock)  # removed when the supervisor exits
+
+
+def _started_pids(lines: list[bytes]) -> list[int]:
+    import json
+
+    return [
+        int(r["pid"])
+        for r in (json.loads(x) for x in list(lines) if x.startswith(b"{"))
+        if r.get("event") == "worker_started"
+    ]
+
+
+def _listening(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), 0.5).close()
+    except OSError:
+        return False
+    return True
+
+
+def _environ(pid: int) -> dict[str, str]:
+    raw = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    return dict(x.decode().split("=", 1) for x in raw if b"=" in x)
 
 
 def test_workers_write_a_file_stdout_themselves(

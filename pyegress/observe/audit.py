@@ -16,6 +16,7 @@ Sinks: a text stream (stdout) and a file rotated by size (``path``, ``path.1`` â
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import json
 import os
 import stat
@@ -100,25 +101,40 @@ def stream_fd(stream: Any) -> int:
 
 
 class StreamSink:
-    def __init__(self, stream: TextIO) -> None:
+    """A text stream (stdout). Several processes may write to one (``--workers``), each
+    batch of whole lines with one ``write``: to a regular file such writes do not
+    interleave; to a pipe or a terminal they may, past PIPE_BUF bytes, so there every
+    writer holds ``lock_path`` (an ``flock`` on a file all of them open) while it writes."""
+
+    def __init__(self, stream: TextIO, lock_path: str | None = None) -> None:
         self._stream = stream
         self._fd = stream_fd(stream)
         self.inline = self._fd >= 0 and never_waits(self._fd)
+        self._lock = -1
+        if lock_path is not None and self._fd >= 0 and not self.inline:
+            self._lock = os.open(lock_path, os.O_RDWR)
 
     def write(self, text: str) -> None:
-        if not self.inline:
+        if not self.inline and self._lock < 0:
             self._stream.write(text)
             self._stream.flush()
             return
-        # One write(2) per batch of whole lines: other processes may append to the
-        # same file (--workers), and a regular file's writes do not interleave.
         self._stream.flush()
         data = memoryview(text.encode("utf-8", "replace"))
-        while data:
-            data = data[os.write(self._fd, data) :]
+        if self._lock >= 0:
+            fcntl.flock(self._lock, fcntl.LOCK_EX)
+        try:
+            while data:
+                data = data[os.write(self._fd, data) :]
+        finally:
+            if self._lock >= 0:
+                fcntl.flock(self._lock, fcntl.LOCK_UN)
 
     def close(self) -> None:
         self._stream.flush()
+        if self._lock >= 0:
+            os.close(self._lock)
+            self._lock = -1
 
 
 class RotatingFileSink:

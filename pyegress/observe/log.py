@@ -47,13 +47,15 @@ def configure(
     audit_max_bytes: int = DEFAULT_MAX_BYTES,
     audit_backups: int = DEFAULT_BACKUPS,
     fields: dict[str, Any] | None = None,
+    stdout_lock: str | None = None,
 ) -> Output:
     """Set up logging and the audit output; returns the output (see :func:`output`).
-    ``fields`` are added to every log line (a worker's ``worker`` number)."""
+    ``fields`` are added to every log line (a worker's ``worker`` number);
+    ``stdout_lock`` is the lock file of a stdout several processes write (``--workers``)."""
     global _output
     from pyegress.observe import metrics
 
-    logs = LineSink(StreamSink(stream or sys.stdout))
+    logs = LineSink(StreamSink(stream or sys.stdout, stdout_lock))
     audit = None
     if audit_file is not None:
         audit = LineSink(RotatingFileSink(audit_file, audit_max_bytes, audit_backups))
