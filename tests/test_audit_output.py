@@ -7,6 +7,7 @@ import json
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 from pyegress.observe.audit import LineSink, Output, RotatingFileSink, cap, encode_json
 from pyegress.tunnel import Tunnel, decision_fields
@@ -314,3 +315,119 @@ def test_writers_of_one_pipe_take_turns_under_the_stdout_lock(tmp_path: Path) ->
     lines = _pipe_writers(tmp_path, lock=True)
     assert len(lines) == 2 * 10 * 512
     assert set(lines) == {b"A" * 99, b"B" * 99}  # without the lock: mixed lines
+
+
+class _TracedStreamSink:
+    """Which thread called try_write / write of a real StreamSink, and what came of it."""
+
+    @staticmethod
+    def make(stream: Any, lock_path: str | None = None) -> Any:
+        from pyegress.observe.audit import StreamSink
+
+        class Traced(StreamSink):
+            calls: list[tuple[str, int, str]] = []  # noqa: RUF012 - one per test
+
+            def try_write(self, text: str) -> Any:
+                result = super().try_write(text)
+                self.calls.append(("try", threading.get_ident(), result.value))
+                return result
+
+            def write(self, text: str) -> None:
+                self.calls.append(("write", threading.get_ident(), ""))
+                super().write(text)
+
+        return Traced(stream, lock_path)
+
+
+def _drain(read_end: int, got: list[bytes], go: threading.Event) -> threading.Thread:
+    import os
+
+    def read() -> None:
+        go.wait(30)
+        with os.fdopen(read_end, "rb") as pipe:
+            while chunk := pipe.read1(65536):
+                got.append(chunk)
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    return reader
+
+
+def test_a_pipe_batch_is_written_by_the_loop_while_the_reader_keeps_up() -> None:
+    import os
+
+    read_end, write_end = os.pipe()
+    got: list[bytes] = []
+    go = threading.Event()
+    go.set()
+    reader = _drain(read_end, got, go)
+    with os.fdopen(write_end, "w") as stream:
+        sink = _TracedStreamSink.make(stream)
+        assert sink.can_try
+        lines = LineSink(sink)
+
+        async def tunnels() -> int:
+            for i in range(30):
+                lines.put("close", json.dumps({"n": i}))
+            await asyncio.sleep(0.1)
+            return threading.get_ident()
+
+        loop_thread = asyncio.run(tunnels())
+        lines.close()
+    reader.join(10)
+    assert sink.calls == [("try", loop_thread, "done")]  # no hand-off to the writer
+    assert [json.loads(x)["n"] for x in b"".join(got).splitlines()] == list(range(30))
+
+
+def test_a_full_pipe_leaves_the_batches_to_the_writer_in_order_and_whole() -> None:
+    import os
+
+    read_end, write_end = os.pipe()
+    got: list[bytes] = []
+    go = threading.Event()
+    reader = _drain(read_end, got, go)  # not reading yet: the pipe fills
+    pad = "x" * 900
+    with os.fdopen(write_end, "w") as stream:
+        sink = _TracedStreamSink.make(stream)
+        lines = LineSink(sink)
+
+        async def tunnels() -> None:
+            for batch in range(10):  # ten 30 KiB batches: the pipe holds 64 KiB
+                for i in range(30):
+                    lines.put("close", json.dumps({"n": batch * 30 + i, "pad": pad}))
+                await asyncio.sleep(0.02)
+
+        asyncio.run(tunnels())
+        results = [r for kind, _, r in sink.calls if kind == "try"]
+        assert "done" in results  # while there was room
+        assert {"kept", "later"} & set(results)  # then it did not wait: the writer did
+        go.set()
+        lines.close()
+    reader.join(10)
+    records = [json.loads(x) for x in b"".join(got).splitlines()]
+    assert [r["n"] for r in records] == list(range(300))
+    assert lines.dropped == 0
+
+
+def test_try_write_does_not_wait_for_another_writers_lock(tmp_path: Path) -> None:
+    import fcntl
+    import os
+
+    from pyegress.observe.audit import Attempt, StreamSink
+
+    lock_path = tmp_path / "stdout.lock"
+    lock_path.touch()
+    read_end, write_end = os.pipe()
+    other = os.open(lock_path, os.O_RDWR)
+    try:
+        with os.fdopen(write_end, "w") as stream:
+            sink = StreamSink(stream, str(lock_path))
+            fcntl.flock(other, fcntl.LOCK_EX)  # another worker is writing
+            assert sink.try_write("a\n") is Attempt.LATER
+            fcntl.flock(other, fcntl.LOCK_UN)
+            assert sink.try_write("b\n") is Attempt.DONE
+            sink.close()
+        assert os.read(read_end, 100) == b"b\n"
+    finally:
+        os.close(other)
+        os.close(read_end)

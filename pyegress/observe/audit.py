@@ -2,8 +2,9 @@
 
 Everything this process writes as JSON lines goes through one :class:`LineSink`. Lines
 put on an event loop gather there for :data:`BATCH_DELAY` seconds and are written as one
-text. Where a write can wait (a pipe, a terminal, a socket) a writer thread does it, the
-loop only hands the batch over; when lines are queued past the capacity they are dropped
+text. Where a write can wait (a pipe, a terminal, a socket) the loop tries it without
+waiting (``RWF_NOWAIT``) while no earlier batch is queued, and a writer thread writes
+what that left, in order; when lines are queued past the capacity they are dropped
 and counted (per event), and the count is reported in an ``audit_dropped`` line once the
 sink has room again, so a stalled stdout pipe never stops a tunnel and never loses a
 record silently. Where a write cannot wait for a reader (a regular file, whose writes go
@@ -16,6 +17,8 @@ Sinks: a text stream (stdout) and a file rotated by size (``path``, ``path.1`` â
 from __future__ import annotations
 
 import asyncio
+import enum
+import errno
 import fcntl
 import json
 import os
@@ -100,11 +103,22 @@ def stream_fd(stream: Any) -> int:
         return -1
 
 
+class Attempt(enum.Enum):
+    """What :meth:`StreamSink.try_write` did."""
+
+    DONE = "done"  # all of it is written
+    KEPT = "kept"  # a part is; the rest is kept for the next write(), which must follow
+    LATER = "later"  # nothing is: write it later (the writer thread)
+
+
 class StreamSink:
     """A text stream (stdout). Several processes may write to one (``--workers``), each
     batch of whole lines with one ``write``: to a regular file such writes do not
     interleave; to a pipe or a terminal they may, past PIPE_BUF bytes, so there every
-    writer holds ``lock_path`` (an ``flock`` on a file all of them open) while it writes."""
+    writer holds ``lock_path`` (an ``flock`` on a file all of them open) while it writes.
+
+    A pipe or a terminal can also be tried without waiting (:meth:`try_write`,
+    ``RWF_NOWAIT``): the event loop writes a batch itself while the reader keeps up."""
 
     def __init__(self, stream: TextIO, lock_path: str | None = None) -> None:
         self._stream = stream
@@ -113,22 +127,60 @@ class StreamSink:
         self._lock = -1
         if lock_path is not None and self._fd >= 0 and not self.inline:
             self._lock = os.open(lock_path, os.O_RDWR)
+        # Whether try_write may try (not for a file: that is written inline anyway).
+        self.can_try = self._fd >= 0 and not self.inline and hasattr(os, "RWF_NOWAIT")
+        self._rest = b""  # what try_write left, with the lock still held
 
     def write(self, text: str) -> None:
-        if not self.inline and self._lock < 0:
+        if self._fd < 0:
             self._stream.write(text)
             self._stream.flush()
             return
         self._stream.flush()
         data = memoryview(text.encode("utf-8", "replace"))
-        if self._lock >= 0:
+        held, rest = bool(self._rest), self._rest
+        self._rest = b""
+        if self._lock >= 0 and not held:
             fcntl.flock(self._lock, fcntl.LOCK_EX)
         try:
-            while data:
-                data = data[os.write(self._fd, data) :]
+            for chunk in (memoryview(rest), data):
+                while chunk:
+                    chunk = chunk[os.write(self._fd, chunk) :]
         finally:
             if self._lock >= 0:
                 fcntl.flock(self._lock, fcntl.LOCK_UN)
+
+    def try_write(self, text: str) -> Attempt:
+        """Write ``text`` now if that needs no waiting (not for the lock, not for room
+        in the pipe). A part written keeps the lock and the rest for the next
+        :meth:`write`, so nothing can come between them."""
+        if not self.can_try or self._rest:
+            return Attempt.LATER
+        if self._lock >= 0:
+            try:
+                fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:  # another process is writing
+                return Attempt.LATER
+        data = text.encode("utf-8", "replace")
+        try:
+            self._stream.flush()
+            written = os.pwritev(self._fd, [data], -1, os.RWF_NOWAIT)
+        except (BlockingIOError, ValueError):  # full, or a closed stream (write() says so)
+            written = 0
+        except OSError as exc:
+            if exc.errno in (errno.EOPNOTSUPP, errno.EINVAL, errno.ESPIPE):
+                self.can_try = False  # this kernel or this file cannot: the thread writes
+            written = 0
+        if written == len(data):
+            result = Attempt.DONE
+        elif written:
+            self._rest = data[written:]
+            return Attempt.KEPT
+        else:
+            result = Attempt.LATER
+        if self._lock >= 0:
+            fcntl.flock(self._lock, fcntl.LOCK_UN)
+        return result
 
     def close(self) -> None:
         self._stream.flush()
@@ -212,13 +264,15 @@ class LineSink:
         self._sink = sink
         self._capacity = capacity
         self._inline = sink.inline
+        # A pipe's batch is first tried without waiting, by the thread that gathered it.
+        self._try = sink.try_write if isinstance(sink, StreamSink) and sink.can_try else None
         self._pending: list[tuple[str, str]] = []  # the loop thread's batch
         self._batch_loop: asyncio.AbstractEventLoop | None = None  # gathers _pending
         self._batcher = 0  # the ident of its thread
         self._batches: deque[tuple[str, dict[str, int], int]] = deque()
         self._queued = 0  # lines handed to the writer and not yet written
         self._count_lock = threading.Lock()
-        self._write_lock = threading.Lock()  # inline: writes from several threads
+        self._write_lock = threading.Lock()  # held by whoever writes to the sink
         self._wake = threading.Event()
         self._closing = False
         self._dropped: dict[str, int] = {}
@@ -280,6 +334,18 @@ class LineSink:
             with self._write_lock:
                 self._write_batch(text, events)
             return
+        if self._try is not None and self._queued == 0 and self._write_lock.acquire(False):
+            try:  # the writer is idle: try the write here
+                if self._queued == 0:
+                    text = self._with_drop_report(text)
+                    attempt = self._try(text)
+                    if attempt is Attempt.DONE:
+                        self._count(events)
+                        return
+                    if attempt is Attempt.KEPT:
+                        text = ""  # the writer writes the rest first
+            finally:
+                self._write_lock.release()
         with self._count_lock:
             self._queued += len(lines)
         self._batches.append((text, events, len(lines)))
@@ -291,17 +357,25 @@ class LineSink:
             self._wake.clear()
             while self._batches:
                 text, events, count = self._batches.popleft()
-                self._write_batch(text, events)
+                with self._write_lock:
+                    self._write_batch(text, events)
                 with self._count_lock:
                     self._queued -= count
             if self._closing and not self._batches:
                 return
 
     def _write_batch(self, text: str, events: dict[str, int]) -> None:
+        self._emit(self._with_drop_report(text))
+        self._count(events)
+
+    def _with_drop_report(self, text: str) -> str:
+        """``text``, and an ``audit_dropped`` line when lines were dropped since the last."""
         if self._dropped_total != self._reported_drops:
             self._reported_drops = self._dropped_total
             text += self._drop_line() + "\n"
-        self._emit(text)
+        return text
+
+    def _count(self, events: dict[str, int]) -> None:
         for event, written in events.items():
             self.on_written(event, written)
 
