@@ -454,3 +454,29 @@ def test_try_write_does_not_wait_for_another_writers_lock(tmp_path: Path) -> Non
     finally:
         os.close(other)
         os.close(read_end)
+
+
+def test_a_kept_rest_goes_out_before_anything_else() -> None:
+    """A partial write leaves its rest to the next write(), which writes it before
+    anything, even text buffered in the stream meanwhile: no line is cut by another."""
+    import fcntl
+    import os
+
+    from pyegress.observe.audit import Attempt, StreamSink
+
+    _needs_pipe_nowait()
+    read_end, write_end = os.pipe()
+    fcntl.fcntl(write_end, fcntl.F_SETPIPE_SZ, 4096)
+    got: list[bytes] = []
+    go = threading.Event()
+    reader = _drain(read_end, got, go)
+    batch = "".join(f"{i:04d}{'x' * 95}\n" for i in range(100))  # 10,000 bytes of lines
+    with os.fdopen(write_end, "w") as stream:
+        sink = StreamSink(stream)
+        assert sink.try_write(batch) is Attempt.KEPT  # the pipe took only a part
+        stream.write("print\n")  # something else buffered in the stream meanwhile
+        go.set()
+        sink.write("next\n")
+        sink.close()
+    reader.join(10)
+    assert b"".join(got).decode() == batch + "print\n" + "next\n"

@@ -136,19 +136,21 @@ class StreamSink:
             self._stream.write(text)
             self._stream.flush()
             return
-        self._stream.flush()
-        data = memoryview(text.encode("utf-8", "replace"))
-        held, rest = bool(self._rest), self._rest
-        self._rest = b""
-        if self._lock >= 0 and not held:
+        rest, self._rest = self._rest, b""  # try_write's rest: the lock is held for it
+        if self._lock >= 0 and not rest:
             fcntl.flock(self._lock, fcntl.LOCK_EX)
         try:
-            for chunk in (memoryview(rest), data):
-                while chunk:
-                    chunk = chunk[os.write(self._fd, chunk) :]
+            self._write_all(rest)  # before anything else, the stream's buffer included
+            self._stream.flush()
+            self._write_all(text.encode("utf-8", "replace"))
         finally:
             if self._lock >= 0:
                 fcntl.flock(self._lock, fcntl.LOCK_UN)
+
+    def _write_all(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self._fd, view) :]
 
     def try_write(self, text: str) -> Attempt:
         """Write ``text`` now if that needs no waiting (not for the lock, not for room
