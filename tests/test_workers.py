@@ -438,3 +438,22 @@ def test_workers_write_a_file_stdout_themselves(
     tunnels(proc.ports[0], f"127.0.0.1:{origin.port}", 20, proc)
     assert workers_of(proc.matching(20, 10.0, "tunnel_closed")) == {0, 1}
     assert_contract(proc)
+
+
+def test_a_worker_whose_stdout_lock_is_gone_says_so_in_one_line() -> None:
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYEGRESS_WORKER": "0/2", "PYEGRESS_STDOUT_LOCK": "/nonexistent/x.lock"}
+    run = subprocess.run(
+        [sys.executable, "-m", "pyegress", "-L", f"http://127.0.0.1:{free_port()}"],
+        env=env,
+        capture_output=True,
+        timeout=30,
+        check=False,
+    )
+    assert run.returncode == 2
+    assert run.stderr.decode().strip().splitlines() == [
+        "pyegress: error: cannot open the stdout lock file /nonexistent/x.lock: "
+        "No such file or directory"
+    ]

@@ -33,6 +33,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol, TextIO
 
+from pyegress.errors import ConfigError
+
 DEFAULT_CAPACITY = 100_000
 DEFAULT_MAX_BYTES = 100 * 1024 * 1024
 DEFAULT_BACKUPS = 5
@@ -126,7 +128,12 @@ class StreamSink:
         self.inline = self._fd >= 0 and never_waits(self._fd)
         self._lock = -1
         if lock_path is not None and self._fd >= 0 and not self.inline:
-            self._lock = os.open(lock_path, os.O_RDWR)
+            try:
+                self._lock = os.open(lock_path, os.O_RDWR)
+            except OSError as exc:
+                raise ConfigError(
+                    f"cannot open the stdout lock file {lock_path}: {exc.strerror or exc}"
+                ) from None
         # Whether try_write may try (not for a file: that is written inline anyway).
         self.can_try = self._fd >= 0 and not self.inline and hasattr(os, "RWF_NOWAIT")
         self._rest = b""  # what try_write left, with the lock still held
