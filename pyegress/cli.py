@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import os
 import sys
@@ -232,15 +231,15 @@ def _supervise(
     policy: Any,
 ) -> int:
     """``--workers N`` (N > 1): this process supervises N workers (pyegress/workers.py)."""
-    from pyegress.workers import stdout_lock, supervise
+    from pyegress.workers import lock_path, stdout_lock, supervise
 
     try:
         lock = stdout_lock()
     except OSError as exc:
         raise ConfigError(f"--workers: cannot make the stdout lock file: {exc}") from None
-    logmod.configure(debug=debug, stdout_lock=lock)
-    log = logmod.get_logger()
     try:
+        logmod.configure(debug=debug, stdout_lock=lock_path(lock) if lock is not None else None)
+        log = logmod.get_logger()
         _warn_params(listen, forward, log)
         # Built and dropped: what a worker would refuse is refused here, before any starts.
         Engine(listen, forward, log, policy=policy, metrics_address=args.metrics)
@@ -257,8 +256,7 @@ def _supervise(
     finally:
         logmod.close()
         if lock is not None:
-            with contextlib.suppress(OSError):
-                os.unlink(lock)
+            os.close(lock)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -22,9 +22,11 @@ The parent
   there itself, one ``write`` each; nothing is copied through the parent. Writes to a
   regular file (or ``/dev/null``) do not interleave. Writes to a pipe or a terminal
   may, past PIPE_BUF bytes, so there every writer, the parent's log writer included,
-  holds an ``flock`` on one lock file while it writes (``PYEGRESS_STDOUT_LOCK``, made
-  by the parent, removed when it exits): lines of different workers never interleave,
-  whatever their length;
+  holds an ``flock`` on one lock file while it writes: lines of different workers never
+  interleave, whatever their length. The parent makes the file and unlinks it at once
+  (nothing to clean up, nothing a tmp cleaner can take away) and passes its descriptor;
+  each process opens its own description of it through ``/proc/self/fd``
+  (``PYEGRESS_STDOUT_LOCK`` names that path);
 * forwards SIGTERM and SIGINT as SIGTERM (every worker drains; a second signal cuts the
   drain), and SIGHUP (every worker reloads its policy and TLS files on its own, atomically
   for itself). When the workers then report different policy versions (the file changed
@@ -47,6 +49,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import fcntl
 import json
 import os
 import shutil
@@ -214,15 +217,28 @@ async def serve_worker(engine: Engine) -> None:
 # -- the parent's side ------------------------------------------------------------------
 
 
-def stdout_lock() -> str | None:
-    """A new lock file for the workers' shared standard output, when that is a pipe, a
-    terminal or a socket (see the module text); None for a regular file or /dev/null."""
+def stdout_lock() -> int | None:
+    """The descriptor of a new, already unlinked lock file for the workers' shared
+    standard output when that is a pipe, a terminal or a socket (see the module text);
+    None for a regular file or /dev/null. ``OSError`` when none can be made or locked."""
     fd = stream_fd(sys.stdout)
     if fd < 0 or never_waits(fd):
         return None
     handle, path = tempfile.mkstemp(prefix="pyegress-stdout-", suffix=".lock")
-    os.close(handle)
-    return path
+    try:
+        os.unlink(path)
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)  # this file system can lock
+        fcntl.flock(handle, fcntl.LOCK_UN)
+    except OSError:
+        os.close(handle)
+        raise
+    return handle
+
+
+def lock_path(fd: int) -> str:
+    """A path that opens a new description of our descriptor ``fd`` (in a worker: of
+    the same number, inherited)."""
+    return f"/proc/self/fd/{fd}"
 
 
 @dataclass(eq=False)
@@ -249,7 +265,7 @@ class Supervisor:
         count: int,
         log: Logger,
         *,
-        stdout_lock: str | None = None,
+        stdout_lock: int | None = None,
         metrics_address: str | None = None,
         drain_timeout: float = 30.0,
     ) -> None:
@@ -340,14 +356,16 @@ class Supervisor:
             PARENT_ENV: str(os.getpid()),
             MULTIPROC_ENV: self.metrics_dir,
         }
+        passed: tuple[int, ...] = (write_end,)
         if self.stdout_lock is not None:
-            env[STDOUT_LOCK_ENV] = self.stdout_lock
+            env[STDOUT_LOCK_ENV] = lock_path(self.stdout_lock)
+            passed += (self.stdout_lock,)
         try:
             popen = subprocess.Popen(
                 [sys.executable, "-m", "pyegress", *self.argv],
                 stdin=subprocess.DEVNULL,
                 env=env,
-                pass_fds=(write_end,),
+                pass_fds=passed,
                 # Its own process group: a terminal's Ctrl-C reaches the parent only,
                 # which forwards it once (a second signal would cut the drain).
                 process_group=0,
@@ -621,7 +639,7 @@ def supervise(
     count: int,
     log: Logger,
     *,
-    stdout_lock: str | None,
+    stdout_lock: int | None,
     metrics_address: str | None,
     drain_timeout: float,
 ) -> int:

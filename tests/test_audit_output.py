@@ -480,3 +480,58 @@ def test_a_kept_rest_goes_out_before_anything_else() -> None:
         sink.close()
     reader.join(10)
     assert b"".join(got).decode() == batch + "print\n" + "next\n"
+
+
+def test_a_line_cut_by_a_writer_that_died_is_ended_by_the_next(tmp_path: Path) -> None:
+    """A worker killed inside a write leaves its mark in the lock file: the next writer
+    ends the cut line with a newline before its own lines, and the loop leaves that
+    mending to the writer thread."""
+    import os
+
+    from pyegress.observe.audit import Attempt, StreamSink
+
+    _needs_pipe_nowait()
+    lock_path = tmp_path / "stdout.lock"
+    lock_path.write_bytes(b"1")  # a write was under way when its writer died
+    read_end, write_end = os.pipe()
+    os.write(write_end, b'{"cut')
+    with os.fdopen(write_end, "w") as stream:
+        sink = StreamSink(stream, str(lock_path))
+        assert sink.try_write('{"n":0}\n') is Attempt.LATER
+        sink.write('{"n":1}\n')
+        assert sink.try_write('{"n":2}\n') is Attempt.DONE
+        sink.close()
+    with os.fdopen(read_end, "rb") as pipe:
+        assert pipe.read() == b'{"cut\n{"n":1}\n{"n":2}\n'
+    assert lock_path.read_bytes() == b"0"
+
+
+def test_close_keeps_the_lock_while_the_writer_is_still_inside_a_write(
+    tmp_path: Path,
+) -> None:
+    import fcntl
+    import os
+
+    from pyegress.observe.audit import StreamSink
+
+    lock_path = tmp_path / "stdout.lock"
+    lock_path.touch()
+    read_end, write_end = os.pipe()
+    got: list[bytes] = []
+    go = threading.Event()
+    reader = _drain(read_end, got, go)  # not reading: the writer blocks on a full pipe
+    other = os.open(lock_path, os.O_RDWR)
+    with os.fdopen(write_end, "w") as stream:
+        sink = StreamSink(stream, str(lock_path))
+        lines = LineSink(sink)
+        for i in range(1000):  # no loop here: straight to the writer thread
+            lines.put("close", json.dumps({"n": i, "pad": "x" * 200}))
+        lines.close(timeout=0.3)
+        with pytest.raises(BlockingIOError):  # another worker cannot cut in
+            fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        go.set()  # the reader is back
+        lines.close(timeout=10)  # closing again waits for the rest, then closes the sink
+    reader.join(10)
+    fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)  # free once the writes are done
+    os.close(other)
+    assert [json.loads(x)["n"] for x in b"".join(got).splitlines()] == list(range(1000))

@@ -383,8 +383,12 @@ def test_workers_write_a_piped_stdout_themselves_under_one_lock(
         assert pipe.startswith("pipe:")
         for pid in worker_pids:
             assert os.readlink(f"/proc/{pid}/fd/1") == pipe  # the same pipe, not a copy
-        lock = _environ(worker_pids[0])["PYEGRESS_STDOUT_LOCK"]
-        assert os.path.exists(lock)
+        lock = _environ(worker_pids[0])["PYEGRESS_STDOUT_LOCK"]  # /proc/self/fd/N
+        assert lock.startswith("/proc/self/fd/")
+        for pid in (proc.pid, *worker_pids):  # one unlinked file: nothing to clean up
+            held = os.readlink(f"/proc/{pid}/fd/{lock.rsplit('/', 1)[1]}")
+            assert held.endswith(" (deleted)")
+            assert "pyegress-stdout-" in held
         target = f"127.0.0.1:{origin.port}"
         with ThreadPoolExecutor(16) as pool:  # many records per 5 ms batch, both workers
             list(pool.map(lambda _: finish(echo_tunnel(port, target)), range(400)))
@@ -400,7 +404,6 @@ def test_workers_write_a_piped_stdout_themselves_under_one_lock(
     assert workers_of(closes) == {0, 1}
     assert {r.get("event") for r in records} >= {"workers_starting", "listening", "stopped"}
     assert proc.returncode == 0
-    assert not os.path.exists(lock)  # removed when the supervisor exits
 
 
 def _started_pids(lines: list[bytes]) -> list[int]:

@@ -17,6 +17,7 @@ Sinks: a text stream (stdout) and a file rotated by size (``path``, ``path.1`` â
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import errno
 import fcntl
@@ -118,6 +119,9 @@ class StreamSink:
     batch of whole lines with one ``write``: to a regular file such writes do not
     interleave; to a pipe or a terminal they may, past PIPE_BUF bytes, so there every
     writer holds ``lock_path`` (an ``flock`` on a file all of them open) while it writes.
+    The lock file's first byte says a write is under way (``1``): a writer that finds it
+    set took the lock from one that died inside a write (a SIGKILL, or a stop while the
+    pipe was full), so it ends that cut line with a newline before its own.
 
     A pipe or a terminal can also be tried without waiting (:meth:`try_write`,
     ``RWF_NOWAIT``): the event loop writes a batch itself while the reader keeps up."""
@@ -146,13 +150,23 @@ class StreamSink:
         rest, self._rest = self._rest, b""  # try_write's rest: the lock is held for it
         if self._lock >= 0 and not rest:
             fcntl.flock(self._lock, fcntl.LOCK_EX)
+            if self._begin():
+                self._write_all(b"\n")  # a cut line from a writer that died
         try:
             self._write_all(rest)  # before anything else, the stream's buffer included
             self._stream.flush()
             self._write_all(text.encode("utf-8", "replace"))
+            if self._lock >= 0:
+                os.pwrite(self._lock, b"0", 0)  # the write is whole
         finally:
             if self._lock >= 0:
                 fcntl.flock(self._lock, fcntl.LOCK_UN)
+
+    def _begin(self) -> bool:
+        """(lock held) Mark a write under way; True when the last one was cut."""
+        cut = os.pread(self._lock, 1, 0) == b"1"
+        os.pwrite(self._lock, b"1", 0)
+        return cut
 
     def _write_all(self, data: bytes) -> None:
         view = memoryview(data)
@@ -170,6 +184,13 @@ class StreamSink:
                 fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError:  # another process is writing
                 return Attempt.LATER
+            try:
+                cut = self._begin()
+            except OSError:
+                cut = True
+            if cut:  # mending a cut line may wait: the writer thread does it
+                fcntl.flock(self._lock, fcntl.LOCK_UN)
+                return Attempt.LATER
         data = text.encode("utf-8", "replace")
         try:
             self._stream.flush()
@@ -184,10 +205,12 @@ class StreamSink:
             result = Attempt.DONE
         elif written:
             self._rest = data[written:]
-            return Attempt.KEPT
+            return Attempt.KEPT  # the lock stays held, the mark set, for the rest
         else:
             result = Attempt.LATER
         if self._lock >= 0:
+            with contextlib.suppress(OSError):
+                os.pwrite(self._lock, b"0", 0)
             fcntl.flock(self._lock, fcntl.LOCK_UN)
         return result
 
@@ -353,11 +376,16 @@ class LineSink:
                         return
                     if attempt is Attempt.KEPT:
                         text = ""  # the writer writes the rest first
+                    self._queue(text, events, len(lines))  # before another thread's
+                    return
             finally:
                 self._write_lock.release()
+        self._queue(text, events, len(lines))
+
+    def _queue(self, text: str, events: dict[str, int], count: int) -> None:
         with self._count_lock:
-            self._queued += len(lines)
-        self._batches.append((text, events, len(lines)))
+            self._queued += count
+        self._batches.append((text, events, count))
         self._wake.set()
 
     def _run(self) -> None:
@@ -412,6 +440,8 @@ class LineSink:
         if self._thread is not None:
             self._wake.set()
             self._thread.join(timeout)
+            if self._thread.is_alive():  # still inside a write: keep its lock to the end
+                return
         self._sink.close()
 
 
