@@ -148,11 +148,11 @@ class StreamSink:
             self._stream.flush()
             return
         rest, self._rest = self._rest, b""  # try_write's rest: the lock is held for it
-        if self._lock >= 0 and not rest:
-            fcntl.flock(self._lock, fcntl.LOCK_EX)
-            if self._begin():
-                self._write_all(b"\n")  # a cut line from a writer that died
         try:
+            if self._lock >= 0 and not rest:
+                fcntl.flock(self._lock, fcntl.LOCK_EX)
+                if self._begin():
+                    self._write_all(b"\n")  # a cut line from a writer that died
             self._write_all(rest)  # before anything else, the stream's buffer included
             self._stream.flush()
             self._write_all(text.encode("utf-8", "replace"))
